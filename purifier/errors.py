@@ -1,0 +1,38 @@
+"""The exceptions purifier raises. Each maps to one gRPC status, in one place
+(``purifier.server.status``); the core library raises them without knowing gRPC."""
+
+
+class PurifierError(Exception):
+    """Base class for every error purifier raises on purpose."""
+
+
+class InvalidInputError(PurifierError, ValueError):
+    """The caller sent something we cannot purify (shape, dtype, range, NaN, size...)."""
+
+
+class NotFoundError(PurifierError):
+    """The named model does not exist."""
+
+
+class OverloadedError(PurifierError):
+    """The request queue is full; retry later."""
+
+
+class DeadlineError(PurifierError):
+    """The caller's deadline passed, or is too short for the work asked."""
+
+
+class DownstreamError(PurifierError):
+    """The downstream classifier server failed or cannot be reached."""
+
+
+class ModelLoadError(PurifierError):
+    """A model directory or file is missing, malformed or inconsistent."""
+
+
+class DataError(PurifierError):
+    """A dataset is missing or its files are corrupt."""
+
+
+class ConfigError(PurifierError, ValueError):
+    """A setting has a bad value; the message says how to fix it."""

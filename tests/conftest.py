@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models with fixed weights, so results are exact and fast on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from purifier import checkpoint
+from purifier.models import Classifier, Encoder, Generator
+
+# Tests run on 1-2 CPU threads; more only adds contention on small machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_LATENT = 8
+TINY_SHAPE = (1, 8, 8)
+
+
+def tiny_generator(seed: int = 0, latent_dim: int = TINY_LATENT, shape=TINY_SHAPE, dim: int = 4) -> Generator:
+    torch.manual_seed(seed)
+    g = Generator(latent_dim, *shape, dim=dim).eval()
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g
+
+
+def tiny_classifier(seed: int = 0, shape=TINY_SHAPE) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier("D", *shape).eval()
+
+
+@pytest.fixture
+def tiny_gen() -> Generator:
+    return tiny_generator()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A model directory like models/<dataset>/ with a tiny generator, classifier, encoder."""
+    d = tmp_path / "tiny-model"
+    checkpoint.save_module(tiny_generator(), d / "generator.safetensors", "generator")
+    checkpoint.save_module(tiny_classifier(), d / "classifier.safetensors", "classifier")
+    torch.manual_seed(1)
+    checkpoint.save_module(Encoder(TINY_LATENT, *TINY_SHAPE, dim=4), d / "encoder.safetensors", "encoder")
+    checkpoint.write_card(d, {"dataset": "tiny", "files": {"generator": "generator.safetensors"},
+                              "detection": {"threshold": 0.05, "target_fpr": 0.05}})
+    return d
