@@ -1,0 +1,192 @@
+"""Send clean and FGSM-perturbed test images to a classifier, directly and through purifier.
+
+    python examples/client.py --purifier localhost:8081 --classifier localhost:8001 -n 32
+
+The client is plain ``tritonclient[grpc]``, the one you would use against Triton: purifier
+speaks the same Open Inference Protocol, so "with purification" is only a different address.
+The model name is the downstream classifier's; purifier purifies the image input and forwards
+the request under that name (a pass-through model).
+
+The adversarial images are white-box FGSM on the local copy of the shipped classifier
+(``models/<dataset>/classifier.safetensors``), by ``purifier.attacks.fgsm``:
+x' = clip(x + eps * sign(grad_x loss), 0, 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = {
+    "fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+    "mnist": [str(d) for d in range(10)],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--purifier", default="localhost:8081", help="purifier's gRPC address")
+    p.add_argument("--classifier", default="localhost:8001",
+                   help="the classifier server's gRPC address, for the unpurified baseline")
+    p.add_argument("--no-direct", action="store_true",
+                   help="skip the direct calls (when the classifier is not reachable from here, "
+                        "as in the Kubernetes sidecar and KServe deployments)")
+    p.add_argument("--model", default="classifier",
+                   help="model name on the classifier server; purifier forwards under this name")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(CLASSES))
+    p.add_argument("--data-dir", default=None, help="folder with the IDX test files "
+                   "(default: purifier.data's search path)")
+    p.add_argument("--model-dir", default=None,
+                   help="where the local classifier for FGSM lives (default: models/<dataset>)")
+    p.add_argument("-n", "--num-images", type=int, default=16, help="test images to send")
+    p.add_argument("--eps", type=float, default=0.3, help="FGSM step, in [0, 1] pixel units")
+    p.add_argument("--batch-size", type=int, default=8, help="images per request")
+    p.add_argument("--seed", type=int, default=0, help="which test images (seeded choice)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per request (purification on a CPU takes a while)")
+    p.add_argument("--authority", default=None,
+                   help="HTTP/2 :authority to send, for ingress gateways that route on the host "
+                        "name (KServe: <isvc>-transformer.<namespace>.<domain>)")
+    p.add_argument("--show", type=int, default=8, help="print per-image answers for this many")
+    return p.parse_args(argv)
+
+
+# --- the images ---------------------------------------------------------------------------
+
+def make_images(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Clean and FGSM images as float32 (N, C, H, W) in [0, 1], labels, local predictions."""
+    import torch
+
+    from purifier import checkpoint, data
+    from purifier.attacks import fgsm
+
+    split = data.subset(data.load(args.dataset, "test", args.data_dir), args.num_images, args.seed)
+    model_dir = Path(args.model_dir) if args.model_dir else REPO / "models" / args.dataset
+    classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier")
+    clean = split.images
+    adv = fgsm(classifier, clean, split.labels, args.eps)
+    with torch.no_grad():
+        local = {"clean": classifier(clean).argmax(1).numpy(), "fgsm": classifier(adv).argmax(1).numpy()}
+    return clean.numpy(), adv.numpy(), split.labels.numpy(), local
+
+
+# --- the wire -----------------------------------------------------------------------------
+
+@dataclass
+class Endpoint:
+    """One V2 server and what its metadata says about the model's input and output."""
+
+    name: str
+    client: object
+    model: str
+    input_name: str
+    datatype: str
+    channels_last: bool
+    output_name: str
+
+
+def connect(name: str, url: str, model: str, authority: str | None = None) -> Endpoint:
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError:
+        sys.exit("this example needs tritonclient: pip install 'tritonclient[grpc]'")
+
+    channel_args = [("grpc.default_authority", authority)] if authority else None
+    client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args)
+    try:
+        ready = client.is_server_ready() and client.is_model_ready(model)
+    except Exception as exc:  # tritonclient raises InferenceServerException for transport errors
+        sys.exit(f"{name} at {url} is not reachable: {exc}")
+    if not ready:
+        sys.exit(f"{name} at {url} is up but model {model!r} is not ready")
+    meta = client.get_model_metadata(model, as_json=True)
+    inp, out = meta["inputs"][0], meta["outputs"][0]
+    dims = [int(d) for d in inp["shape"]]
+    # NCHW unless the metadata's last dimension is a channel count and the second is not.
+    channels_last = len(dims) == 4 and dims[-1] in (1, 3) and dims[1] not in (1, 3)
+    return Endpoint(name, client, model, inp["name"], inp["datatype"], channels_last, out["name"])
+
+
+def to_wire(x: np.ndarray, ep: Endpoint) -> np.ndarray:
+    if ep.channels_last:
+        x = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if ep.datatype == "UINT8":
+        return np.round(x * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def infer(ep: Endpoint, x: np.ndarray, batch_size: int, timeout: float) -> tuple[np.ndarray, dict]:
+    """Predicted classes for all images, and the response parameters of the first request."""
+    import tritonclient.grpc as grpcclient
+
+    preds, params = [], {}
+    for start in range(0, len(x), batch_size):
+        batch = to_wire(x[start:start + batch_size], ep)
+        inp = grpcclient.InferInput(ep.input_name, list(batch.shape), ep.datatype)
+        inp.set_data_from_numpy(batch)
+        result = ep.client.infer(ep.model, [inp], outputs=[grpcclient.InferRequestedOutput(ep.output_name)],
+                                 client_timeout=timeout)
+        preds.append(result.as_numpy(ep.output_name).reshape(len(batch), -1).argmax(1))
+        if start == 0:
+            params = result.get_response(as_json=True).get("parameters", {})
+    return np.concatenate(preds), params
+
+
+def show_params(params: dict) -> str:
+    """V2 parameters come back as {"name": {"string_param": ...}}; print the values only."""
+    return ", ".join(f"{k}={next(iter(v.values()), '')}" for k, v in sorted(params.items())) or "(none)"
+
+
+# --- the report ---------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    clean, adv, labels, local = make_images(args)
+    names = CLASSES[args.dataset]
+    print(f"{len(labels)} {args.dataset} test images; FGSM eps={args.eps} on the local classifier")
+
+    routes = [] if args.no_direct else [("direct", connect("classifier", args.classifier, args.model))]
+    routes.append(("purified", connect("purifier", args.purifier, args.model, args.authority)))
+    ep = routes[-1][1]
+    print(f"model {args.model!r}: input {ep.input_name} {ep.datatype} "
+          f"{'NHWC' if ep.channels_last else 'NCHW'}, output {ep.output_name}")
+
+    answers = {("local", "clean"): local["clean"], ("local", "fgsm"): local["fgsm"]}
+    for route, endpoint in routes:
+        for kind, images in (("clean", clean), ("fgsm", adv)):
+            t0 = time.perf_counter()
+            answers[route, kind], params = infer(endpoint, images, args.batch_size, args.timeout)
+            took = time.perf_counter() - t0
+            print(f"  {route:8s} {kind:5s} {len(images)} images in {took:6.2f}s"
+                  + (f"; purifier said: {show_params(params)}" if route == "purified" else ""))
+
+    print(f"\naccuracy over {len(labels)} images    clean    FGSM")
+    titles = {"local": "local classifier (no server)", "direct": "classifier server, direct",
+              "purified": "through purifier"}
+    for route, title in titles.items():
+        if (route, "clean") in answers:
+            acc = [100.0 * float(np.mean(answers[route, k] == labels)) for k in ("clean", "fgsm")]
+            print(f"  {title:28s} {acc[0]:6.1f}%  {acc[1]:6.1f}%")
+
+    shown = [r for r in ("direct", "purified") if (r, "clean") in answers]
+    print(f"\n{'label':10s}" + "".join(f"{r + ' ' + k:>18s}" for r in shown for k in ("clean", "fgsm")))
+    for i in range(min(args.show, len(labels))):
+        cells = []
+        for r in shown:
+            for k in ("clean", "fgsm"):
+                p = int(answers[r, k][i])
+                cells.append(f"{names[p] + (' ' if p == labels[i] else ' x'):>18s}")
+        print(f"{names[int(labels[i])]:10s}" + "".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

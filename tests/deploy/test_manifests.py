@@ -1,0 +1,308 @@
+"""The deployment files agree with the CLI: every container command parses with the real
+``purifier`` parser, and the ports they publish, probe and forward to are the ones the
+parsed arguments name. No Docker engine or cluster runs here; this is what can be checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+SIDECAR = ROOT / "deploy" / "kubernetes" / "sidecar-deployment.yaml"
+KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def parse(argv: list[str]):
+    """Parse a container command (without the `purifier` entrypoint) as `purifier` would.
+    PURIFIER_* variables are cleared by the `clean_env` fixture, so defaults are the CLI's."""
+    pytest.importorskip("purifier.commands.serve")  # until the service lands
+    pytest.importorskip("purifier.commands.serve_classifier")
+    from purifier.cli import build_parser
+
+    assert argv and argv[0] in ("serve", "serve-classifier"), argv
+    try:
+        return build_parser(only=argv[0]).parse_args(argv)
+    except SystemExit as exc:  # argparse exits on an unknown or malformed flag
+        raise AssertionError(f"`purifier {shlex.join(argv)}` does not parse") from exc
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("PURIFIER_"):
+            monkeypatch.delenv(name)
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def published(ports: list) -> set[int]:
+    """Container-side ports of compose `ports:` entries like "8081:8081" or "127.0.0.1:1:2"."""
+    return {int(str(p).rsplit(":", 1)[-1].split("/")[0]) for p in ports}
+
+
+# --- docker-compose.yml + deploy/prometheus.yml ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_has_the_three_services(compose):
+    assert set(compose["services"]) == {"classifier", "purifier", "prometheus"}
+    for name in ("classifier", "purifier"):
+        assert compose["services"][name]["build"]["context"] == "."
+
+
+def test_compose_purifier_forwards_to_the_classifier_service(compose):
+    classifier = parse(compose["services"]["classifier"]["command"])
+    purifier = parse(compose["services"]["purifier"]["command"])
+    assert purifier.command == "serve" and classifier.command == "serve-classifier"
+    assert host_port(purifier.downstream) == ("classifier", classifier.port)
+    assert classifier.host == "0.0.0.0" and purifier.host == "0.0.0.0"
+    assert published(compose["services"]["classifier"]["ports"]) == {classifier.port}
+    assert published(compose["services"]["purifier"]["ports"]) == {purifier.grpc_port, purifier.metrics_port}
+    # compose's health checks ask the ports the servers really listen on
+    assert compose["services"]["classifier"]["healthcheck"]["test"][-1] == f"localhost:{classifier.port}"
+    assert compose["services"]["purifier"]["healthcheck"]["test"][-1] == f"localhost:{purifier.grpc_port}"
+
+
+def env_as_flags(env: dict[str, str]) -> list[str]:
+    """PURIFIER_MAX_BATCH_SIZE=32 -> --max-batch-size 32 (compose's ${VAR:-default} -> default)."""
+    argv = []
+    for name, value in env.items():
+        assert name.startswith("PURIFIER_"), name
+        value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+        argv += ["--" + name.removeprefix("PURIFIER_").lower().replace("_", "-"), value]
+    return argv
+
+
+def test_compose_environment_names_real_settings(compose):
+    """A PURIFIER_* variable that names no flag, or holds a bad value, must not slip through."""
+    env = compose["services"]["purifier"]["environment"]
+    assert env
+    parse(["serve", *env_as_flags(env)])
+
+
+def test_prometheus_scrapes_purifier_metrics_port(compose):
+    purifier = parse(compose["services"]["purifier"]["command"])
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"purifier:{purifier.metrics_port}"]
+    volume = compose["services"]["prometheus"]["volumes"][0]
+    assert (ROOT / volume.split(":")[0]).resolve() == PROMETHEUS
+
+
+# --- Kubernetes sidecar Deployment ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sidecar() -> tuple[dict, dict]:
+    docs = {doc["kind"]: doc for doc in load_all(SIDECAR)}
+    assert set(docs) == {"Deployment", "Service"}
+    return docs["Deployment"], docs["Service"]
+
+
+def containers_by_name(pod_spec: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in pod_spec["containers"]}
+
+
+def test_sidecar_forwards_to_the_model_server_over_localhost(sidecar):
+    deployment, _ = sidecar
+    containers = containers_by_name(deployment["spec"]["template"]["spec"])
+    server = parse(containers["model-server"]["args"])
+    purifier = parse(containers["purifier"]["args"])
+    host, port = host_port(purifier.downstream)
+    assert host in ("localhost", "127.0.0.1") and port == server.port
+    assert server.host == "127.0.0.1"  # reachable only through purifier
+
+
+def test_sidecar_probes_use_native_grpc_on_the_serve_port(sidecar):
+    deployment, _ = sidecar
+    container = containers_by_name(deployment["spec"]["template"]["spec"])["purifier"]
+    purifier = parse(container["args"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == purifier.grpc_port, probe
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": purifier.grpc_port, "metrics": purifier.metrics_port}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(purifier.metrics_port)
+
+
+def test_sidecar_has_requests_and_a_service(sidecar):
+    deployment, service = sidecar
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    containers = containers_by_name(pod["spec"])
+    for c in containers.values():
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], c["name"]
+    named = {p["name"] for p in containers["purifier"]["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= named
+    purifier = parse(containers["purifier"]["args"])
+    # the pod outlives purifier's drain
+    assert pod["spec"]["terminationGracePeriodSeconds"] > purifier.grace_seconds
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_sidecar_environment_names_real_settings(sidecar):
+    deployment, _ = sidecar
+    container = containers_by_name(deployment["spec"]["template"]["spec"])["purifier"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env
+    parse(["serve", *env_as_flags(env)])
+
+
+# --- KServe InferenceService ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def isvc() -> dict:
+    (doc,) = load_all(KSERVE)
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"
+    return doc
+
+
+def test_kserve_transformer_takes_kserves_flags(isvc):
+    (container,) = isvc["spec"]["transformer"]["containers"]
+    parse(["serve", *env_as_flags({e["name"]: e["value"] for e in container["env"]})])
+    args = container["args"]
+    for flag in ("--model_name", "--predictor_host", "--grpc_port", "--http_port"):
+        assert flag in args, flag
+    purifier = parse(args)
+    assert purifier.model_name == isvc["metadata"]["name"]
+    assert host_port(purifier.downstream) == (f"{isvc['metadata']['name']}-predictor", 80)
+    # Knative routes gRPC to the one container port named h2c
+    (port,) = container["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == purifier.grpc_port
+    assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(purifier.metrics_port)
+
+
+def test_kserve_transformer_survives_the_args_kserve_appends(isvc):
+    """KServe appends --model_name/--predictor_host/--http_port when absent; a transformer
+    written without them must still start."""
+    (container,) = isvc["spec"]["transformer"]["containers"]
+    bare = list(container["args"])
+    for flag in ("--model_name", "--predictor_host", "--http_port"):
+        i = bare.index(flag)
+        del bare[i:i + 2]
+    name = isvc["metadata"]["name"]
+    purifier = parse(bare + ["--model_name", name, "--predictor_host", f"{name}-predictor.default:80",
+                             "--http_port", "8080"])
+    assert purifier.model_name == name
+
+
+def test_kserve_predictor_serves_the_model_the_transformer_forwards(isvc):
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    server = parse(container["args"])
+    (port,) = container["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == server.port
+    assert server.model_name == isvc["metadata"]["name"]
+
+
+def test_every_model_dir_is_a_shipped_model(compose, sidecar, isvc):
+    """The image copies models/ to /app/models and runs from /app, so a relative --model-dir
+    in a manifest must name a model directory in this repo."""
+    commands = [s["command"] for s in compose["services"].values() if "command" in s
+                and s["command"][0].startswith("serve")]
+    commands += [c["args"] for c in sidecar[0]["spec"]["template"]["spec"]["containers"]]
+    commands += [c["args"] for part in ("predictor", "transformer") for c in isvc["spec"][part]["containers"]]
+    dirs = {parse(argv).model_dir for argv in commands}
+    assert dirs == {"models/fashion-mnist"}
+    if not (ROOT / "models" / "fashion-mnist").is_dir():
+        pytest.skip("the shipped models are not trained yet")
+    for d in dirs:
+        assert (ROOT / d / "generator.safetensors").is_file() or (ROOT / d / "generator.pt2").is_file()
+        assert (ROOT / d / "classifier.safetensors").is_file()
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())  # join continuation lines
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_exposes_the_cli_default_ports():
+    serve, classifier = parse(["serve"]), parse(["serve-classifier"])
+    exposed = {int(p.split("/")[0]) for word, rest in dockerfile_instructions() if word == "EXPOSE"
+               for p in rest.split()}
+    assert exposed == {serve.grpc_port, serve.metrics_port, classifier.port}
+
+
+def test_dockerfile_entrypoint_user_and_default_command():
+    import json
+
+    ins = dict(dockerfile_instructions())  # last instruction of each kind wins, as in Docker
+    assert json.loads(ins["ENTRYPOINT"]) == ["purifier"]
+    parse(json.loads(ins["CMD"]))
+    assert ins["USER"].split(":")[0] not in ("0", "root")
+    # torch from the CPU (or CUDA) wheel index, at pyproject's pins
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    assert "--index-url" in runs and "torch==${TORCH_VERSION}" in runs
+    args = dict(rest.split("=", 1) for word, rest in dockerfile_instructions() if word == "ARG" and "=" in rest)
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    pins = (ROOT / "pyproject.toml").read_text()
+    assert f'"torch=={args["TORCH_VERSION"]}"' in pins
+    assert f'"torchvision=={args["TORCHVISION_VERSION"]}"' in pins
+
+
+def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for word, rest in dockerfile_instructions():
+        if word != "COPY":
+            continue
+        *sources, _dest = [a for a in rest.split() if not a.startswith("--")]
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY {src}: no such path"
+            top = src.rstrip("/").split("/")[0]
+            assert top not in ignored and src.rstrip("/") not in ignored, f"COPY {src} is in .dockerignore"
+
+
+# --- scripts and examples ---------------------------------------------------------------------
+
+def test_run_script_is_valid_bash():
+    script = ROOT / "scripts" / "run.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_healthcheck_reports_unhealthy_when_nothing_listens():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "healthcheck.py"),
+                           f"127.0.0.1:{port}", "--timeout", "1"], capture_output=True, timeout=60)
+    assert proc.returncode == 1
+
+
+def test_example_client_help_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "client.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--purifier", "--classifier", "--model", "--eps"):
+        assert flag in proc.stdout
