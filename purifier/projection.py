@@ -6,14 +6,27 @@ latent tensor for L steps of gradient descent on the per-latent mean squared err
 on its own image only (not on B or R). The best restart per image wins; we return G(z*),
 its per-image error and z*.
 
-Faster variants (issue 5), all opt-in through :class:`ProjectionConfig`:
+Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
+:class:`ProjectionConfig`:
+
 - ``optimizer="adam"``: Adam on z converges in far fewer steps than momentum SGD.
 - ``prune_after``/``keep``: after a few steps, drop all but the ``keep`` best restarts
   of each image (their best-so-far is kept, so pruning can never make the answer worse
   than the restart it kept).
 - ``encoder_starts``: start that many restarts of each image at E(x), a learned inverse.
-- ``early_stop_tol``: every ``check_every`` steps, stop once no latent's best error improved
-  by more than this relative amount (one host sync per check, none in between).
+- ``early_stop_tol``: every ``check_every`` steps (once pruning is done), retire each image
+  whose restarts all improved their best error by less than this relative amount since the
+  last check; the batch shrinks to the images still improving. One host sync per check.
+- ``precision="bf16"``: G's forward and backward under bf16 autocast (AMX/AVX512-BF16 on
+  recent Xeons, tensor cores on GPUs). Selection of the answer and the returned errors are
+  always recomputed in fp32, so lower precision steers the search but never mis-reports it.
+- ``compile=True``: ``torch.compile`` the step (forward + gradient); on CUDA with CUDA
+  graphs (``mode="reduce-overhead"``). ``channels_last=True`` converts the generator's
+  conv weights to channels-last once (values unchanged).
+
+Every latent's best-so-far (error, z) is tracked at every step, and the answer is the
+best over those and the final iterate, so no speed-up can return a worse reconstruction
+than the restart it kept would have had at the step it was last scored.
 
 The generator's weights are never updated: gradients are taken with respect to z only.
 """
@@ -21,6 +34,7 @@ The generator's weights are never updated: gradients are taken with respect to z
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,6 +43,7 @@ from torch import nn
 from .errors import InvalidInputError
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,9 @@ class ProjectionConfig:
     early_stop_tol: float = 0.0  # 0: run all L steps
     check_every: int = 10
     seed: int | None = None   # None: fresh randomness per call (unpredictable restarts)
+    precision: str = "fp32"   # "fp32" or "bf16" (autocast for the steps; scoring stays fp32)
+    compile: bool = False     # torch.compile the step (CUDA: with CUDA graphs)
+    channels_last: bool = False
 
     def __post_init__(self):
         problems = []
@@ -58,12 +76,16 @@ class ProjectionConfig:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.init_std is not None and not (self.init_std > 0 and math.isfinite(self.init_std)):
+            problems.append(f"init_std must be a positive number or None, got {self.init_std}")
         if self.prune_after < 0 or self.keep < 1:
             problems.append("prune_after must be >= 0 and keep >= 1")
         if self.encoder_starts < 0 or self.encoder_starts > self.restarts:
             problems.append(f"encoder_starts must be in [0, restarts], got {self.encoder_starts}")
         if self.early_stop_tol < 0 or self.check_every < 1:
             problems.append("early_stop_tol must be >= 0 and check_every >= 1")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if problems:
             raise InvalidInputError("bad projection settings: " + "; ".join(problems))
 
@@ -71,7 +93,7 @@ class ProjectionConfig:
         return replace(self, **changes)
 
 
-# The paper's configuration and our measured fast configuration (see README, "Speed").
+# The paper's configuration and our measured fast configuration (docs/speed.md).
 PAPER = ProjectionConfig()
 FAST = ProjectionConfig(steps=60, restarts=4, optimizer="adam", lr=0.05, prune_after=10, keep=1,
                         encoder_starts=1)
@@ -90,6 +112,68 @@ def _per_latent_error(generator: nn.Module, z: torch.Tensor, target: torch.Tenso
     return (out - target).pow(2).flatten(1).mean(1)      # (N,)
 
 
+# --- the step: per-latent error and its gradient with respect to z --------------------------
+
+def _make_loss(generator: nn.Module, precision: str, device_type: str):
+    def loss(z: torch.Tensor, target: torch.Tensor):
+        if precision == "bf16":
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = generator(z)                       # (N, C, H, W) bf16
+            out = out.float()
+        else:
+            out = generator(z)                           # (N, C, H, W)
+        err = (out - target).pow(2).flatten(1).mean(1)   # (N,)
+        return err.sum(), err
+    return loss
+
+
+def _eager_step(loss):
+    def step(z, target):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            total, err = loss(z, target)
+            (grad,) = torch.autograd.grad(total, z)      # (N, D)
+        return err.detach(), grad
+    return step
+
+
+# Compiled steps are cached per generator (weakly, so a dropped model frees its graphs).
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(generator: nn.Module, precision: str, device_type: str):
+    per_gen = _COMPILED.setdefault(generator, {})
+    key = (precision, device_type)
+    if key not in per_gen:
+        grad_and_err = torch.func.grad_and_value(_make_loss(generator, precision, device_type),
+                                                 has_aux=True)
+
+        def fn(z, target):
+            grad, (_, err) = grad_and_err(z, target)
+            return err, grad
+        # On CUDA, "reduce-overhead" replays the step as a CUDA graph: no per-kernel launch cost.
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        per_gen[key] = torch.compile(fn, mode=mode, dynamic=False)
+    compiled = per_gen[key]
+    if device_type != "cuda":
+        return compiled
+
+    def step(z, target):
+        # CUDA-graph outputs are overwritten by the next replay: copy them out first.
+        torch.compiler.cudagraph_mark_step_begin()
+        err, grad = compiled(z, target)
+        return err.clone(), grad.clone()
+    return step
+
+
+def _step_function(generator: nn.Module, cfg: ProjectionConfig, device_type: str):
+    if cfg.compile:
+        return _compiled_step(generator, cfg.precision, device_type)
+    return _eager_step(_make_loss(generator, cfg.precision, device_type))
+
+
+# --- starts, and choosing the answer -----------------------------------------------------
+
 def _initial_latents(generator, encoder, x, cfg: ProjectionConfig, gen: torch.Generator) -> torch.Tensor:
     B, R, D = x.shape[0], cfg.restarts, generator.latent_dim
     std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(D)
@@ -98,13 +182,39 @@ def _initial_latents(generator, encoder, x, cfg: ProjectionConfig, gen: torch.Ge
         if encoder is None:
             raise InvalidInputError("encoder_starts > 0 needs a model with an encoder")
         with torch.no_grad():
-            ze = encoder(x)                                            # (B, D)
+            ze = encoder(x).float()                                    # (B, D)
         z[:, : cfg.encoder_starts] = ze.unsqueeze(1)
         if cfg.encoder_starts > 1:  # jitter the copies so they explore different basins
-            z[:, 1: cfg.encoder_starts] += 0.5 * z[:, 1: cfg.encoder_starts].std() * torch.randn(
+            z[:, 1: cfg.encoder_starts] += 0.5 * std * torch.randn(
                 B, cfg.encoder_starts - 1, D, generator=gen, device=x.device)
     return z
 
+
+@torch.no_grad()
+def _settle(generator, best_z, best_err, z, target, n_images: int, R: int, rescore_best: bool):
+    """Pick each image's answer among its restarts' best-so-far and their final iterates,
+    all scored in fp32. Returns (z* (n, D), its error (n,))."""
+    if rescore_best:  # best_err came from a lower-precision forward: only a guide
+        best_err = _per_latent_error(generator, best_z, target)       # (n*R,)
+    err = _per_latent_error(generator, z, target)                      # (n*R,) final iterates
+    better = err < best_err
+    cand_err = torch.where(better, err, best_err)
+    cand_z = torch.where(better.unsqueeze(1), z, best_z)               # (n*R, D)
+    pick = cand_err.view(n_images, R).argmin(dim=1)                    # (n,)
+    rows = torch.arange(n_images, device=z.device) * R + pick
+    return cand_z[rows], cand_err[rows]
+
+
+def _rng(cfg: ProjectionConfig, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if cfg.seed is None:
+        gen.seed()  # fresh, unpredictable restarts per call
+    else:
+        gen.manual_seed(cfg.seed)
+    return gen
+
+
+# --- the projection -----------------------------------------------------------------------
 
 def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER,
             encoder: nn.Module | None = None) -> Projection:
@@ -115,32 +225,29 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
     device = x.device
     B = x.shape[0]
     D = generator.latent_dim
-    gen = torch.Generator(device=device)
-    if cfg.seed is None:
-        gen.seed()  # fresh, unpredictable restarts per call
-    else:
-        gen.manual_seed(cfg.seed)
+    gen = _rng(cfg, device)
+    if cfg.channels_last:
+        generator.to(memory_format=torch.channels_last)
+    step_fn = _step_function(generator, cfg, device.type)
+    rescore = cfg.precision != "fp32"
 
     z0 = _initial_latents(generator, encoder, x, cfg, gen)           # (B, R, D)
     R = z0.shape[1]
-    z = z0.reshape(B * R, D).clone()                                 # (B*R, D)
-    owner = torch.arange(B, device=device).repeat_interleave(R)      # (B*R,) image of each latent
-    target = x[owner]                                                # (B*R, C, H, W)
-    best_err = torch.full((B * R,), float("inf"), device=device)
-    best_z = z.clone()
+    z = z0.reshape(B * R, D).clone()                                 # (N, D), N = B*R
+    images_left = torch.arange(B, device=device)                     # (b,) image of each active row group
+    target = x.repeat_interleave(R, dim=0)                           # (N, C, H, W)
+    best_err = torch.full((B * R,), float("inf"), device=device)     # (N,)
+    best_z = z.clone()                                               # (N, D)
     state1 = torch.zeros_like(z)   # momentum buffer / Adam first moment
     state2 = torch.zeros_like(z)   # Adam second moment
     beta1, beta2, eps = 0.9, 0.999, 1e-8
+    out_z = torch.zeros(B, D, device=device)                          # answers, filled as images retire
     last_check = None
+    pruning_pending = bool(cfg.prune_after) and cfg.prune_after <= cfg.steps and R > cfg.keep
     steps_run = 0
 
     for step in range(cfg.steps):
-        z.requires_grad_(True)
-        with torch.enable_grad():
-            err = _per_latent_error(generator, z, target)            # (N,)
-            (grad,) = torch.autograd.grad(err.sum(), z)              # (N, D)
-        z = z.detach()
-        err = err.detach()
+        err, grad = step_fn(z, target)                               # (N,), (N, D)
         with torch.no_grad():
             better = err < best_err                                  # error of z *before* this step
             best_err = torch.where(better, err, best_err)
@@ -156,31 +263,38 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
                 z = z - cfg.lr * (state1 / (1 - beta1 ** t)) / denom
         steps_run = step + 1
 
-        if cfg.prune_after and step + 1 == cfg.prune_after and R > cfg.keep:
+        if pruning_pending and step + 1 == cfg.prune_after:
             # Keep the `keep` restarts of each image with the lowest best-so-far error.
-            k = cfg.keep
-            idx = best_err.view(B, R).topk(k, dim=1, largest=False).indices       # (B, k)
-            flat = (idx + torch.arange(B, device=device).unsqueeze(1) * R).reshape(-1)  # (B*k,)
-            z, best_z, best_err = z[flat], best_z[flat], best_err[flat]
-            state1, state2 = state1[flat], state2[flat]
-            owner, target = owner[flat], target[flat]
-            R = k
+            b, k = images_left.numel(), cfg.keep
+            idx = best_err.view(b, R).topk(k, dim=1, largest=False).indices        # (b, k)
+            rows = (idx + torch.arange(b, device=device).unsqueeze(1) * R).reshape(-1)  # (b*k,)
+            z, best_z, best_err, target = z[rows], best_z[rows], best_err[rows], target[rows]
+            state1, state2 = state1[rows], state2[rows]
+            R, pruning_pending, last_check = k, False, None
 
-        if cfg.early_stop_tol and (step + 1) % cfg.check_every == 0:
-            current = best_err.clone()
+        if cfg.early_stop_tol and not pruning_pending and (step + 1) % cfg.check_every == 0:
+            b = images_left.numel()
             if last_check is not None:
-                gain = ((last_check - current) / last_check.clamp_min(1e-12)).max()
-                if float(gain) < cfg.early_stop_tol:  # the one host sync, every check_every steps
-                    break
-            last_check = current
+                gain = ((last_check - best_err) / last_check.clamp_min(1e-12)).view(b, R).amax(1)
+                done = gain < cfg.early_stop_tol                     # (b,)
+                n_done = int(done.sum())                             # the one host sync per check
+                if n_done:
+                    rows = done.repeat_interleave(R)                 # (b*R,)
+                    zs, _ = _settle(generator, best_z[rows], best_err[rows], z[rows], target[rows],
+                                    n_done, R, rescore)
+                    out_z[images_left[done]] = zs
+                    keep_rows = ~rows
+                    z, best_z, best_err = z[keep_rows], best_z[keep_rows], best_err[keep_rows]
+                    target, state1, state2 = target[keep_rows], state1[keep_rows], state2[keep_rows]
+                    images_left = images_left[~done]
+                    if images_left.numel() == 0:
+                        break
+            last_check = best_err.clone()
 
     with torch.no_grad():
-        err = _per_latent_error(generator, z, target)   # the final z has not been scored yet
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_z = torch.where(better.unsqueeze(1), z, best_z)
-        pick = best_err.view(B, R).argmin(dim=1)                      # (B,)
-        z_star = best_z.view(B, R, D)[torch.arange(B, device=device), pick]  # (B, D)
-        images = generator(z_star)                                    # (B, C, H, W)
+        if images_left.numel():
+            zs, _ = _settle(generator, best_z, best_err, z, target, images_left.numel(), R, rescore)
+            out_z[images_left] = zs
+        images = generator(out_z)                                     # (B, C, H, W)
         errors = (images - x).pow(2).flatten(1).mean(1)               # (B,)
-    return Projection(images, errors, z_star, steps_run)
+    return Projection(images, errors, out_z, steps_run)
