@@ -27,25 +27,22 @@ def load_all(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def parse(argv: list[str]):
-    """Parse a container command (without the `purifier` entrypoint) as `purifier` would.
-    PURIFIER_* variables are cleared by the `clean_env` fixture, so defaults are the CLI's."""
+def parse(argv: list[str], environ: dict[str, str] | None = None):
+    """The settings `purifier <argv>` would run with: the real parser, then the same settings
+    builder and validation the command uses. The environment is `environ` only (not the
+    test's), so defaults are the CLI's."""
     pytest.importorskip("purifier.commands.serve")  # until the service lands
     pytest.importorskip("purifier.commands.serve_classifier")
     from purifier.cli import build_parser
+    from purifier.settings import classifier_settings, serve_settings
 
     assert argv and argv[0] in ("serve", "serve-classifier"), argv
     try:
-        return build_parser(only=argv[0]).parse_args(argv)
+        args = build_parser(only=argv[0]).parse_args(argv)
     except SystemExit as exc:  # argparse exits on an unknown or malformed flag
         raise AssertionError(f"`purifier {shlex.join(argv)}` does not parse") from exc
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("PURIFIER_"):
-            monkeypatch.delenv(name)
+    build = serve_settings if argv[0] == "serve" else classifier_settings
+    return build(args, environ=dict(environ or {}))
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -74,8 +71,8 @@ def test_compose_has_the_three_services(compose):
 def test_compose_purifier_forwards_to_the_classifier_service(compose):
     classifier = parse(compose["services"]["classifier"]["command"])
     purifier = parse(compose["services"]["purifier"]["command"])
-    assert purifier.command == "serve" and classifier.command == "serve-classifier"
     assert host_port(purifier.downstream) == ("classifier", classifier.port)
+    assert purifier.model_name == classifier.model_name  # what Classify forwards to
     assert classifier.host == "0.0.0.0" and purifier.host == "0.0.0.0"
     assert published(compose["services"]["classifier"]["ports"]) == {classifier.port}
     assert published(compose["services"]["purifier"]["ports"]) == {purifier.grpc_port, purifier.metrics_port}
@@ -84,21 +81,25 @@ def test_compose_purifier_forwards_to_the_classifier_service(compose):
     assert compose["services"]["purifier"]["healthcheck"]["test"][-1] == f"localhost:{purifier.grpc_port}"
 
 
-def env_as_flags(env: dict[str, str]) -> list[str]:
-    """PURIFIER_MAX_BATCH_SIZE=32 -> --max-batch-size 32 (compose's ${VAR:-default} -> default)."""
-    argv = []
+def resolve_env(env: dict) -> dict[str, str]:
+    """Compose's ${VAR:-default} -> default, as compose does when VAR is unset."""
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+
+
+def assert_real_settings(env: dict[str, str]) -> None:
+    """Each PURIFIER_* variable names a `purifier serve` flag and holds a valid value:
+    one that named nothing would be silently ignored."""
+    assert env
     for name, value in env.items():
-        assert name.startswith("PURIFIER_"), name
-        value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
-        argv += ["--" + name.removeprefix("PURIFIER_").lower().replace("_", "-"), value]
-    return argv
+        flag = "--" + name.removeprefix("PURIFIER_").lower().replace("_", "-")
+        from_flag = parse(["serve", flag, value])
+        from_env = parse(["serve"], environ={name: value})
+        assert from_flag == from_env, f"{name}={value} does not act like {flag} {value}"
 
 
 def test_compose_environment_names_real_settings(compose):
     """A PURIFIER_* variable that names no flag, or holds a bad value, must not slip through."""
-    env = compose["services"]["purifier"]["environment"]
-    assert env
-    parse(["serve", *env_as_flags(env)])
+    assert_real_settings(resolve_env(compose["services"]["purifier"]["environment"]))
 
 
 def test_prometheus_scrapes_purifier_metrics_port(compose):
@@ -130,6 +131,7 @@ def test_sidecar_forwards_to_the_model_server_over_localhost(sidecar):
     purifier = parse(containers["purifier"]["args"])
     host, port = host_port(purifier.downstream)
     assert host in ("localhost", "127.0.0.1") and port == server.port
+    assert purifier.model_name == server.model_name
     assert server.host == "127.0.0.1"  # reachable only through purifier
 
 
@@ -164,9 +166,7 @@ def test_sidecar_has_requests_and_a_service(sidecar):
 def test_sidecar_environment_names_real_settings(sidecar):
     deployment, _ = sidecar
     container = containers_by_name(deployment["spec"]["template"]["spec"])["purifier"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env
-    parse(["serve", *env_as_flags(env)])
+    assert_real_settings({e["name"]: e["value"] for e in container["env"]})
 
 
 # --- KServe InferenceService ----------------------------------------------------------------
@@ -180,7 +180,7 @@ def isvc() -> dict:
 
 def test_kserve_transformer_takes_kserves_flags(isvc):
     (container,) = isvc["spec"]["transformer"]["containers"]
-    parse(["serve", *env_as_flags({e["name"]: e["value"] for e in container["env"]})])
+    assert_real_settings({e["name"]: e["value"] for e in container["env"]})
     args = container["args"]
     for flag in ("--model_name", "--predictor_host", "--grpc_port", "--http_port"):
         assert flag in args, flag
@@ -256,7 +256,10 @@ def test_dockerfile_entrypoint_user_and_default_command():
 
     ins = dict(dockerfile_instructions())  # last instruction of each kind wins, as in Docker
     assert json.loads(ins["ENTRYPOINT"]) == ["purifier"]
-    parse(json.loads(ins["CMD"]))
+    env = dict(rest.split("=", 1) for word, rest in dockerfile_instructions()
+               if word == "ENV" and rest.startswith("PURIFIER_"))
+    served = parse(json.loads(ins["CMD"]), environ=env)
+    assert served.host == "0.0.0.0"  # reachable from outside the container
     assert ins["USER"].split(":")[0] not in ("0", "root")
     # torch from the CPU (or CUDA) wheel index, at pyproject's pins
     runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
