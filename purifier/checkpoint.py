@@ -77,6 +77,12 @@ class ExportedGenerator(nn.Module):
         self.config = dict(arch="torch.export", latent_dim=latent_dim, channels=image_shape[0],
                            height=image_shape[1], width=image_shape[2])
 
+    def train(self, mode: bool = True) -> "ExportedGenerator":
+        # An exported program is fixed in the mode it was exported in and refuses
+        # train()/eval(); there is nothing to switch.
+        self.training = mode
+        return self
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.inner(z)
 

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from .common import add_data, add_device, resolve_device
+
+HELP = "train one of the paper's classifiers (A, B, C, D) and export it to a model directory"
+
+
+def add_arguments(p) -> None:
+    from ..train_classifier import ClassifierTrainConfig as C
+
+    add_data(p)
+    add_device(p)
+    p.add_argument("--arch", default=C.arch, choices=["A", "B", "C", "D"])
+    p.add_argument("--out", default=None, help="model directory (default models/<dataset>)")
+    p.add_argument("--name", default=C.name,
+                   help="file stem and card section: 'classifier' (the protected model) or 'substitute'")
+    p.add_argument("--epochs", type=int, default=C.epochs)
+    p.add_argument("--batch-size", type=int, default=C.batch_size)
+    p.add_argument("--lr", type=float, default=C.lr)
+    p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from ..train_classifier import ClassifierTrainConfig, train
+
+    cfg = ClassifierTrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
+                                out_dir=args.out or f"models/{args.dataset}", name=args.name,
+                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, device=resolve_device(args))
+    summary = train(cfg, progress=not args.no_progress)
+    print(summary["metrics"])
+    return 0
