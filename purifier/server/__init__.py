@@ -1,0 +1,17 @@
+"""The gRPC service around the core library.
+
+- ``engine``: the data plane's compute (load, validate, project, classify); no gRPC.
+- ``batching``: merges concurrent requests into one projection batch.
+- ``dataplane``: what both APIs call (purify, classify, forward); no gRPC servicer code.
+- ``codec``: tensors <-> bytes (raw little-endian, V2 contents, PNG/JPEG).
+- ``downstream``: the V2 gRPC client to the classifier behind us.
+- ``purifier_servicer`` / ``v2_servicer``: decode, await the data plane, encode.
+- ``status``: purifier.errors -> gRPC status codes, in one place.
+- ``metrics``, ``logs``: Prometheus metrics and structured logs.
+- ``app``: ``create_server(settings)`` and ``serve(settings)`` (health, reflection, TLS, SIGTERM).
+- ``classifier``: the reference downstream classifier server.
+"""
+
+from .app import Server, create_server, serve
+
+__all__ = ["Server", "create_server", "serve"]

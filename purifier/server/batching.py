@@ -1,0 +1,162 @@
+"""Dynamic batching: concurrent requests become one projection batch.
+
+One worker task takes the oldest waiting request, waits until requests with the same
+projection options fill ``max_batch_size`` images or the oldest has waited
+``max_queue_delay``, then runs them as one batch in a worker thread (the event loop stays
+free to decode and answer). Requests arriving while a batch runs wait for the next one,
+so under load batches fill without any delay.
+
+- Requests with different options (L, R) cannot share a batch; a request with a seed runs
+  alone, so the same seed gives the same answer whatever else is in flight.
+- At most ``max_queue_size`` requests wait; the next is refused at once (OverloadedError).
+- A request whose deadline passed while it waited is dropped before compute (DeadlineError);
+  one whose caller went away is dropped too.
+- A batch that fails fails each of its requests with that error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import numpy as np
+import torch
+
+from ..errors import DeadlineError, OverloadedError
+from ..projection import ProjectionConfig
+
+Compute = Callable[[torch.Tensor, ProjectionConfig], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor            # (b, C, H, W)
+    cfg: ProjectionConfig
+    key: Hashable
+    deadline: float | None     # time.monotonic() by which the answer is due
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, compute: Compute, executor: Executor, *, max_batch_size: int, max_queue_delay_s: float,
+                 max_queue_size: int, metrics=None):
+        self.compute = compute
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.metrics = metrics
+        self._queue: list[_Item] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, x: torch.Tensor, cfg: ProjectionConfig, deadline: float | None = None):
+        """Queue a validated batch x (b, C, H, W); returns (images (b, C, H, W), errors (b,))."""
+        if self._closed:
+            self._reject("shutdown")
+            raise OverloadedError("server is shutting down; retry on another replica")
+        if len(self._queue) >= self.max_queue_size:
+            self._reject("queue_full")
+            raise OverloadedError(f"queue full ({self.max_queue_size} requests waiting); retry later")
+        key = cfg if cfg.seed is None else (cfg, object())
+        item = _Item(x, cfg, key, deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self._depth_changed()
+        self._wake.set()
+        return await item.future
+
+    async def close(self) -> None:
+        """Refuse new work, finish what is queued, stop the worker."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = await self._next_batch()
+            live = self._drop_stale(batch)
+            if not live:
+                continue
+            x = torch.cat([it.x for it in live])                     # (N, C, H, W)
+            try:
+                images, errors = await loop.run_in_executor(self.executor, self.compute, x, live[0].cfg)
+            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+                for it in live:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                continue
+            start = 0
+            for it in live:
+                b = it.x.shape[0]
+                if not it.future.done():
+                    it.future.set_result((images[start:start + b], errors[start:start + b]))
+                start += b
+
+    async def _next_batch(self) -> list[_Item]:
+        first = self._queue[0]
+        while not self._closed:
+            images = sum(it.x.shape[0] for it in self._queue if it.key == first.key)
+            wait = first.enqueued + self.max_delay - time.monotonic()
+            if images >= self.max_batch_size or wait <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                break
+        batch, total = [], 0
+        for it in list(self._queue):
+            if it.key != first.key:
+                continue
+            b = it.x.shape[0]
+            if batch and total + b > self.max_batch_size:
+                break
+            batch.append(it)
+            total += b
+            self._queue.remove(it)
+        self._depth_changed()
+        return batch
+
+    def _drop_stale(self, batch: list[_Item]) -> list[_Item]:
+        now = time.monotonic()
+        live = []
+        for it in batch:
+            if it.future.done():  # the caller was cancelled
+                continue
+            if it.deadline is not None and now >= it.deadline:
+                self._reject("deadline")
+                it.future.set_exception(DeadlineError(
+                    f"deadline passed after {1000 * (now - it.enqueued):.0f} ms in the queue; nothing was computed"))
+                continue
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(now - it.enqueued)
+            live.append(it)
+        return live
+
+    def _reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    def _depth_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))

@@ -1,0 +1,191 @@
+"""Tensors on the wire: raw little-endian bytes with a dtype and shape (both APIs), V2's typed
+``contents`` fields, V2 BYTES elements, and PNG/JPEG files (decoded with torchvision).
+
+Image layout in V2 requests: an input parameter ``layout`` ("NCHW" or "NHWC") decides;
+without it, a 4-D shape (B, H, W, C) that matches the model's image as NHWC (and not as
+NCHW) is read as NHWC, anything else as NCHW; a 3-D (B, H, W) is accepted for one-channel
+models. Errors are :class:`InvalidInputError` with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInputError
+
+# V2 datatype -> numpy dtype (little-endian). BYTES is handled apart.
+V2_DTYPES = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+_V2_NAMES = {v: k for k, v in V2_DTYPES.items()}
+# V2 datatype -> field of InferTensorContents that carries it
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+IMAGE_DTYPES = ("FP32", "UINT8")
+
+
+def v2_name(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
+    try:
+        return _V2_NAMES[dtype]
+    except KeyError:
+        raise InvalidInputError(f"no V2 datatype for numpy {dtype}") from None
+
+
+def check_shape(shape, what: str = "tensor") -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise InvalidInputError(f"{what} shape {list(shape)} has a negative dimension")
+    return shape
+
+
+def from_raw(data: bytes, dtype: np.dtype, shape, what: str = "tensor") -> np.ndarray:
+    """Raw little-endian C-order bytes -> array, checking the length against the shape."""
+    shape = check_shape(shape, what)
+    dtype = np.dtype(dtype)
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != need:
+        raise InvalidInputError(f"{what} has {len(data)} bytes of raw data; shape {list(shape)} of "
+                                f"{v2_name(dtype)} needs {need}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()  # writable, as torch wants
+
+
+def to_raw(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.tobytes()
+
+
+def from_contents(contents, datatype: str, shape, what: str = "tensor") -> np.ndarray:
+    """V2 typed contents (``fp32_contents`` ...) -> array."""
+    if datatype not in CONTENTS_FIELD or datatype == "BYTES":
+        raise InvalidInputError(f"{what}: datatype {datatype!r} cannot travel in contents here")
+    shape = check_shape(shape, what)
+    values = getattr(contents, CONTENTS_FIELD[datatype])
+    n = int(np.prod(shape, dtype=np.int64))
+    if len(values) != n:
+        raise InvalidInputError(f"{what} has {len(values)} values in {CONTENTS_FIELD[datatype]}; "
+                                f"shape {list(shape)} needs {n}")
+    return np.asarray(values, dtype=V2_DTYPES[datatype]).reshape(shape)
+
+
+def fill_contents(contents, arr: np.ndarray) -> str:
+    """Array -> V2 typed contents; returns the V2 datatype."""
+    name = v2_name(arr.dtype)
+    getattr(contents, CONTENTS_FIELD[name]).extend(arr.reshape(-1).tolist())
+    return name
+
+
+def split_bytes_elements(data: bytes, what: str = "tensor") -> list[bytes]:
+    """V2 BYTES raw encoding: each element is a 4-byte little-endian length, then the bytes."""
+    out, i = [], 0
+    while i < len(data):
+        if i + 4 > len(data):
+            raise InvalidInputError(f"{what}: truncated BYTES element length at offset {i}")
+        (n,) = struct.unpack_from("<I", data, i)
+        if i + 4 + n > len(data):
+            raise InvalidInputError(f"{what}: BYTES element at offset {i} claims {n} bytes, "
+                                    f"only {len(data) - i - 4} remain")
+        out.append(bytes(data[i + 4: i + 4 + n]))
+        i += 4 + n
+    return out
+
+
+def join_bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int]) -> np.ndarray:
+    """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    c = image_shape[0]
+    mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
+    if not blobs:
+        raise InvalidInputError("empty batch: send at least one image")
+    images = []
+    for i, blob in enumerate(blobs):
+        if not blob:
+            raise InvalidInputError(f"image {i} is empty")
+        try:
+            img = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)  # (C, H, W)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG ({exc})") from None
+        if images and img.shape != images[0].shape:
+            raise InvalidInputError(f"image {i} is {img.shape[1]}x{img.shape[2]}, image 0 is "
+                                    f"{images[0].shape[1]}x{images[0].shape[2]}: one size per batch")
+        images.append(img)
+    return torch.stack(images).numpy()  # (B, C, H, W) uint8
+
+
+def encode_pngs(images: np.ndarray) -> list[bytes]:
+    """uint8 (B, C, H, W) -> PNG files."""
+    from torchvision.io import encode_png
+
+    return [bytes(encode_png(torch.from_numpy(np.ascontiguousarray(img))).numpy()) for img in images]
+
+
+def to_nchw(arr: np.ndarray, image_shape: tuple[int, int, int], layout: str | None = None) -> tuple[np.ndarray, str]:
+    """Images in any accepted layout -> (B, C, H, W), and the layout they came in."""
+    c, h, w = image_shape
+    if layout is not None:
+        layout = layout.upper()
+        if layout not in ("NCHW", "NHWC"):
+            raise InvalidInputError(f"layout parameter {layout!r}: use NCHW or NHWC")
+    if arr.ndim == 3 and c == 1 and layout is None:
+        if arr.shape[1:] != (h, w):
+            raise InvalidInputError(f"model expects {h}x{w} images, got shape {list(arr.shape)}")
+        return arr[:, None], "NHW"
+    if arr.ndim != 4:
+        raise InvalidInputError(f"images must be 4-D (B, C, H, W) or (B, H, W, C), got shape {list(arr.shape)}")
+    if layout is None:
+        layout = "NHWC" if arr.shape[1:] == (h, w, c) and arr.shape[1:] != (c, h, w) else "NCHW"
+    if layout == "NHWC":
+        arr = arr.transpose(0, 3, 1, 2)
+    return arr, layout
+
+
+def from_nchw(arr: np.ndarray, layout: str) -> np.ndarray:
+    """(B, C, H, W) -> the layout the images came in."""
+    if layout == "NHWC":
+        return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+    if layout == "NHW":
+        return arr[:, 0]
+    return arr
+
+
+def to_dtype(images: np.ndarray, datatype: str) -> np.ndarray:
+    """float32 images in [0, 1] -> FP32 or UINT8 (rounded) as the caller sent them."""
+    if datatype == "UINT8":
+        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    return images.astype(np.float32, copy=False)
+
+
+def image_array(datatype: str, shape, raw: bytes | None = None, contents=None,
+                image_shape: tuple[int, int, int] = (1, 28, 28), what: str = "input") -> np.ndarray:
+    """A V2 image input (FP32, UINT8, or BYTES holding PNG/JPEG files) -> array as sent
+    (BYTES: decoded to uint8 (B, C, H, W))."""
+    if datatype == "BYTES":
+        if raw is not None:
+            blobs = split_bytes_elements(raw, what)
+        else:
+            blobs = list(contents.bytes_contents) if contents is not None else []
+        shape = check_shape(shape, what)
+        if len(blobs) != int(np.prod(shape, dtype=np.int64)):
+            raise InvalidInputError(f"{what}: {len(blobs)} BYTES elements for shape {list(shape)}")
+        return decode_images(blobs, image_shape)
+    if datatype not in IMAGE_DTYPES:
+        raise InvalidInputError(f"{what}: datatype {datatype!r} is not supported for images; "
+                                "send FP32 in [0, 1], UINT8 in 0..255, or BYTES holding PNG/JPEG files")
+    if raw is not None:
+        return from_raw(raw, V2_DTYPES[datatype], shape, what)
+    return from_contents(contents, datatype, shape, what)

@@ -1,0 +1,104 @@
+"""The compute behind the service: one model bundle on one device, with the server's
+limits. Synchronous and free of gRPC, so a notebook can use it as the server does::
+
+    engine = Engine.load("models/fashion-mnist", device="cpu", projection="fast")
+    x = engine.validate(uint8_images)                 # (B, C, H, W) float in [0, 1]
+    images, errors = engine.project(x, engine.config(steps=50))
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import checkpoint, projection, validation
+from ..errors import InvalidInputError, ModelLoadError
+
+PRESETS = {"paper": projection.PAPER, "fast": projection.FAST}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int = 64
+    max_steps: int = 1000
+    max_restarts: int = 20
+
+
+class Engine:
+    def __init__(self, bundle: checkpoint.ModelBundle, device: str | torch.device = "cpu",
+                 default: projection.ProjectionConfig = projection.PAPER, limits: Limits = Limits()):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.limits = limits
+        if default.encoder_starts and bundle.encoder is None:
+            default = default.with_(encoder_starts=0)  # FAST starts at E(x) only when there is an encoder
+        self.default = default
+        # The generator is shared; torch modules are not re-entrant across threads for autograd
+        # bookkeeping, so batches run one at a time (the batcher sends one at a time anyway).
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir, device: str = "cpu", projection: str = "paper", limits: Limits = Limits()) -> "Engine":
+        if projection not in PRESETS:
+            raise ModelLoadError(f"unknown projection preset {projection!r}; choose one of {sorted(PRESETS)}")
+        bundle = checkpoint.load_bundle(model_dir, device)
+        return cls(bundle, device, PRESETS[projection], limits)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.bundle.image_shape
+
+    @property
+    def threshold(self) -> float | None:
+        t = self.bundle.threshold
+        return None if t is None else float(t)
+
+    def config(self, steps: int | None = None, restarts: int | None = None,
+               seed: int | None = None) -> projection.ProjectionConfig:
+        """The server default with a request's overrides, within the server's caps."""
+        problems = []
+        if steps is not None and steps > self.limits.max_steps:
+            problems.append(f"steps {steps} is above this server's limit of {self.limits.max_steps}")
+        if restarts is not None and restarts > self.limits.max_restarts:
+            problems.append(f"restarts {restarts} is above this server's limit of {self.limits.max_restarts}")
+        if restarts is not None and restarts < 1:
+            problems.append(f"restarts must be at least 1, got {restarts}")
+        if steps is not None and steps < 0:
+            problems.append(f"steps must be >= 0, got {steps}")
+        if problems:
+            raise InvalidInputError("; ".join(problems))
+        cfg = self.default
+        changes = {}
+        if steps is not None:
+            changes["steps"] = steps
+        if restarts is not None:
+            changes["restarts"] = restarts
+            changes["encoder_starts"] = min(cfg.encoder_starts, restarts)
+            changes["keep"] = min(cfg.keep, restarts)
+        if seed is not None:
+            changes["seed"] = int(seed)
+        return cfg.with_(**changes) if changes else cfg
+
+    def validate(self, images) -> torch.Tensor:
+        """Array or tensor (B, C, H, W), float in [0, 1] or uint8 -> float32 (B, C, H, W) on the CPU."""
+        return validation.to_float_images(images, self.image_shape, self.limits.max_batch_size)
+
+    def project(self, x: torch.Tensor, cfg: projection.ProjectionConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Purify a validated batch; returns (images (B, C, H, W) float32, errors (B,)) as numpy."""
+        with self._lock:
+            p = projection.project(self.bundle.generator, x.to(self.device), cfg, self.bundle.encoder)
+            return p.images.detach().cpu().numpy(), p.errors.detach().cpu().numpy()
+
+    def flags(self, errors: np.ndarray) -> np.ndarray:
+        """(B,) bool: error above the calibrated threshold (all False when none is calibrated)."""
+        if self.threshold is None:
+            return np.zeros(len(errors), dtype=bool)
+        return np.asarray(errors) > self.threshold
+
+    def warm_up(self) -> None:
+        """One tiny batch through every code path, so the first request pays no start-up cost."""
+        x = torch.full((1, *self.image_shape), 0.5)
+        self.project(x, self.default.with_(steps=2, seed=0))

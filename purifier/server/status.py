@@ -1,0 +1,80 @@
+"""The one place where purifier's exceptions become gRPC status codes, and where every
+RPC is counted, timed and shielded: unexpected exceptions answer INTERNAL with a generic
+message; the traceback goes to the log, never to the client."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+
+from .. import errors
+from . import logs
+
+log = logging.getLogger("purifier.rpc")
+
+CODES: dict[type[errors.PurifierError], grpc.StatusCode] = {
+    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.OverloadedError: grpc.StatusCode.UNAVAILABLE,       # as Triton does: retry later
+    errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.DownstreamError: grpc.StatusCode.UNAVAILABLE,
+    errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _request_id(request, context) -> str:
+    rid = getattr(request, "request_id", "") or getattr(request, "id", "")
+    if not rid:
+        rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    return str(rid)[:128] or logs.new_request_id()
+
+
+def rpc(method: str):
+    """Wrap an async servicer method ``(self, request, context)``; ``self.metrics`` counts it."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            rid = _request_id(request, context)
+            token = logs.request_id.set(rid)
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                context.set_trailing_metadata((("x-request-id", rid),))
+                return await fn(self, request, context)
+            except errors.PurifierError as exc:
+                code = code_for(exc)
+                logs.log(log, logging.INFO, f"{method} failed: {exc}", method=method, code=code.name)
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the caller went away or its deadline passed
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception(f"{method}: unexpected error")
+                await context.abort(code, f"internal error (request id {rid}); the server log has details")
+            finally:
+                if self.metrics is not None:
+                    self.metrics.requests.labels(method, code.name).inc()
+                    self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+                logs.request_id.reset(token)
+
+        return handler
+
+    return wrap

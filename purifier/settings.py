@@ -1,0 +1,208 @@
+"""Settings of ``purifier serve`` and ``purifier serve-classifier``: frozen dataclasses built
+once from CLI flags and ``PURIFIER_*`` environment variables, validated when built.
+
+Precedence: a flag on the command line, else ``PURIFIER_<NAME>`` (the flag's name in upper
+case, ``-`` as ``_``: ``--max-batch-size`` -> ``PURIFIER_MAX_BATCH_SIZE``), else the default.
+KServe's transformer flags (``--model_name``, ``--predictor_host``, ``--grpc_port``,
+``--http_port``) are accepted as spellings of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+PROJECTIONS = ("paper", "fast")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MODEL = Path("models") / "fashion-mnist"
+
+
+def default_model_dir() -> str:
+    """The shipped Fashion-MNIST model: beside the package in a checkout (or the image),
+    else under the working directory."""
+    repo = Path(__file__).resolve().parent.parent
+    for candidate in (repo / DEFAULT_MODEL, Path.cwd() / DEFAULT_MODEL):
+        if candidate.is_dir():
+            return str(candidate)
+    return str(repo / DEFAULT_MODEL)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_dir: str = ""  # "" -> default_model_dir()
+    host: str = "0.0.0.0"
+    grpc_port: int = 8081
+    http_port: int | None = None
+    metrics_port: int = 8082  # 0: any free port; -1: no metrics server
+    downstream: str = "localhost:8001"  # "" or "none": no downstream (Classify/pass-through: NOT_FOUND)
+    model_name: str = "classifier"
+    device: str | None = None
+    threads: int | None = None
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256
+    max_steps: int = 1000
+    max_restarts: int = 20
+    projection: str = "paper"
+    max_message_bytes: int = 16 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    grace_seconds: float = 30.0
+    log_level: str = "info"
+    downstream_timeout_s: float = 30.0  # when the caller sent no deadline
+    downstream_retries: int = 3
+
+    def __post_init__(self):
+        if not self.model_dir:
+            object.__setattr__(self, "model_dir", default_model_dir())
+        if self.downstream.lower() == "none":
+            object.__setattr__(self, "downstream", "")
+        problems = []
+        for name in ("grpc_port", "http_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                problems.append(f"--{name.replace('_', '-')} {v}: use a port in 0..65535 (0 picks a free one)")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"--metrics-port {self.metrics_port}: use 0..65535, or -1 to turn metrics off")
+        positive = dict(max_batch_size="--max-batch-size", max_queue_size="--max-queue-size",
+                        max_steps="--max-steps", max_restarts="--max-restarts",
+                        max_message_bytes="--max-message-bytes")
+        for name, flag in positive.items():
+            if getattr(self, name) < 1:
+                problems.append(f"{flag} {getattr(self, name)}: must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads}: must be at least 1 (or unset for torch's default)")
+        if self.max_queue_delay_ms < 0:
+            problems.append(f"--max-queue-delay-ms {self.max_queue_delay_ms}: must be >= 0 (0: no waiting)")
+        if self.grace_seconds < 0:
+            problems.append(f"--grace-seconds {self.grace_seconds}: must be >= 0")
+        if self.downstream_retries < 0 or self.downstream_timeout_s <= 0:
+            problems.append("downstream retries must be >= 0 and its timeout > 0")
+        if self.projection not in PROJECTIONS:
+            problems.append(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            problems.append(f"--log-level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+        if self.downstream and ":" not in self.downstream:
+            problems.append(f"--downstream {self.downstream!r}: give host:port (for example localhost:8001), "
+                            "or 'none' for no downstream")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("TLS needs both --tls-cert and --tls-key (or neither for plaintext)")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"--{name.replace('_', '-')} {path}: no such file")
+        if problems:
+            raise ConfigError("bad settings: " + "; ".join(problems))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    model_dir: str = ""
+    host: str = "0.0.0.0"
+    port: int = 8001
+    model_name: str = "classifier"
+    device: str | None = None
+
+    def __post_init__(self):
+        if not self.model_dir:
+            object.__setattr__(self, "model_dir", default_model_dir())
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"bad settings: --port {self.port}: use a port in 0..65535 (0 picks a free one)")
+        if not self.model_name:
+            raise ConfigError("bad settings: --model-name must not be empty")
+
+
+# flag -> (dest, type, help, extra spellings). Defaults come from the dataclass.
+_SERVE_FLAGS = [
+    ("--model-dir", str, "model directory (default: the shipped models/fashion-mnist)", []),
+    ("--host", str, "address to bind", []),
+    ("--grpc-port", int, "gRPC port (purifier.v1, KServe V2, health, reflection)", ["--grpc_port"]),
+    ("--http-port", int, "accepted for KServe, which passes it to transformers; purifier serves no REST, "
+                         "so it is only logged", ["--http_port"]),
+    ("--metrics-port", int, "Prometheus metrics HTTP port (-1: off)", []),
+    ("--downstream", str, "downstream V2 gRPC server host:port ('none': no downstream)", ["--predictor_host", "--predictor-host"]),
+    ("--model-name", str, "downstream model that Classify calls; also answered as ready/metadata by "
+                          "forwarding (KServe: the InferenceService name)", ["--model_name"]),
+    ("--device", str, "torch device (default: cuda when available, else cpu)", []),
+    ("--threads", int, "CPU threads for torch", []),
+    ("--max-batch-size", int, "most images in one projection batch (and in one request)", []),
+    ("--max-queue-delay-ms", float, "longest a request waits for others to share its batch", []),
+    ("--max-queue-size", int, "requests waiting beyond this are refused at once with UNAVAILABLE", []),
+    ("--max-steps", int, "cap on a request's steps L (above: INVALID_ARGUMENT)", []),
+    ("--max-restarts", int, "cap on a request's restarts R (above: INVALID_ARGUMENT)", []),
+    ("--projection", str, "server default projection preset: paper (L=200, R=10) or fast", []),
+    ("--max-message-bytes", int, "largest gRPC message received or sent (above: RESOURCE_EXHAUSTED)", []),
+    ("--tls-cert", str, "PEM server certificate (enables TLS)", []),
+    ("--tls-key", str, "PEM server private key", []),
+    ("--tls-client-ca", str, "PEM CA bundle; when set, clients must present a certificate (mTLS)", []),
+    ("--grace-seconds", float, "on SIGTERM: NOT_SERVING, then drain for at most this long", []),
+    ("--log-level", str, "debug, info, warning or error", []),
+]
+
+_CLASSIFIER_FLAGS = [
+    ("--model-dir", str, "model directory holding classifier.safetensors (default: models/fashion-mnist)", []),
+    ("--host", str, "address to bind", []),
+    ("--port", int, "gRPC port (KServe V2)", []),
+    ("--model-name", str, "name the classifier is served under", []),
+    ("--device", str, "torch device (default: cuda when available, else cpu)", []),
+]
+
+
+def _env_name(flag: str) -> str:
+    return "PURIFIER_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(p: argparse.ArgumentParser, flags, cls) -> None:
+    defaults = {f.name: f.default for f in fields(cls)}
+    for flag, typ, help_, aliases in flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        shown = defaults.get(dest)
+        p.add_argument(flag, *aliases, dest=dest, type=typ, default=None,
+                       help=f"{help_} [env {_env_name(flag)}; default {shown!r}]")
+
+
+def _build(cls, flags, args, environ) -> object:
+    environ = os.environ if environ is None else environ
+    types = {flag.lstrip("-").replace("-", "_"): (flag, typ) for flag, typ, _, _ in flags}
+    values = {}
+    for dest, (flag, typ) in types.items():
+        value = getattr(args, dest, None)
+        if value is None and environ.get(_env_name(flag)) not in (None, ""):
+            raw = environ[_env_name(flag)]
+            try:
+                value = typ(raw)
+            except ValueError:
+                raise ConfigError(f"bad settings: {_env_name(flag)}={raw!r}: expected a {typ.__name__}") from None
+        if value is not None:
+            values[dest] = value
+    return cls(**values)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    _add(p, _SERVE_FLAGS, ServeSettings)
+    # Other flags KServe may pass to a transformer; accepted so it can start us unchanged.
+    p.add_argument("--predictor_protocol", default=None, help="accepted for KServe; only v2/grpc-v2 is spoken")
+    p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def serve_settings(args: argparse.Namespace | None = None, environ=None) -> ServeSettings:
+    return _build(ServeSettings, _SERVE_FLAGS, args or argparse.Namespace(), environ)
+
+
+def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
+    _add(p, _CLASSIFIER_FLAGS, ClassifierSettings)
+
+
+def classifier_settings(args: argparse.Namespace | None = None, environ=None) -> ClassifierSettings:
+    return _build(ClassifierSettings, _CLASSIFIER_FLAGS, args or argparse.Namespace(), environ)
