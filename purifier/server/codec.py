@@ -10,6 +10,8 @@ models. Errors are :class:`InvalidInputError` with a message that names the prob
 from __future__ import annotations
 
 import struct
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -104,6 +106,14 @@ def join_bytes_elements(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+@contextmanager
+def _quiet_torchvision():
+    # torchvision 0.29 warns that its image codecs will move to torchcodec; they still work.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int]) -> np.ndarray:
     """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count."""
     from torchvision.io import ImageReadMode, decode_image
@@ -117,7 +127,8 @@ def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int]) -> np.n
         if not blob:
             raise InvalidInputError(f"image {i} is empty")
         try:
-            img = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)  # (C, H, W)
+            with _quiet_torchvision():
+                img = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)  # (C, H, W)
         except (RuntimeError, ValueError) as exc:
             raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG ({exc})") from None
         if images and img.shape != images[0].shape:
@@ -131,7 +142,8 @@ def encode_pngs(images: np.ndarray) -> list[bytes]:
     """uint8 (B, C, H, W) -> PNG files."""
     from torchvision.io import encode_png
 
-    return [bytes(encode_png(torch.from_numpy(np.ascontiguousarray(img))).numpy()) for img in images]
+    with _quiet_torchvision():
+        return [bytes(encode_png(torch.from_numpy(np.ascontiguousarray(img))).numpy()) for img in images]
 
 
 def to_nchw(arr: np.ndarray, image_shape: tuple[int, int, int], layout: str | None = None) -> tuple[np.ndarray, str]:

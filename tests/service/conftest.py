@@ -86,6 +86,24 @@ class Clients:
         self.channel.close()
 
 
+def make_model_dir(parent, threshold: float | None = 0.05):
+    """Like tests/conftest.py's tiny_model_dir, for module-scoped servers (and without a threshold)."""
+    from purifier import checkpoint
+    from purifier.models import Encoder
+    from tests.conftest import TINY_LATENT, TINY_SHAPE, tiny_classifier, tiny_generator
+
+    d = parent / "tiny-model"
+    checkpoint.save_module(tiny_generator(), d / "generator.safetensors", "generator")
+    checkpoint.save_module(tiny_classifier(), d / "classifier.safetensors", "classifier")
+    torch.manual_seed(1)
+    checkpoint.save_module(Encoder(TINY_LATENT, *TINY_SHAPE, dim=4), d / "encoder.safetensors", "encoder")
+    card = {"dataset": "tiny"}
+    if threshold is not None:
+        card["detection"] = {"threshold": threshold}
+    checkpoint.write_card(d, card)
+    return d
+
+
 @pytest.fixture
 def server(aloop, tiny_model_dir):
     with running(aloop, settings_for(tiny_model_dir)) as s:
@@ -116,7 +134,7 @@ def tensor(arr: np.ndarray) -> pb.Tensor:
 
 def to_array(t: pb.Tensor) -> np.ndarray:
     dt = {pb.FLOAT32: "<f4", pb.UINT8: "u1", pb.INT64: "<i8"}[t.dtype]
-    return np.frombuffer(t.data, dtype=dt).reshape(tuple(t.shape))
+    return np.frombuffer(t.data, dtype=dt).reshape(tuple(t.shape)).copy()
 
 
 def v2_request(arr: np.ndarray, model: str = "purifier", name: str = "images", **params) -> v2_pb.ModelInferRequest:

@@ -1,0 +1,208 @@
+"""Dynamic batching: merging, per-request answers, grouping, overload, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from purifier.errors import DeadlineError, OverloadedError
+from purifier.projection import FAST
+from purifier.proto.purifier.v1 import purifier_pb2 as pb
+from purifier.server.batching import Batcher
+
+from .conftest import Clients, images, running, settings_for, tensor, to_array
+from .test_rpcs import metric, scrape
+
+
+def fake_compute(calls):
+    def compute(x, cfg):
+        calls.append((x.shape[0], cfg))
+        return x.numpy() * 0.5, x.flatten(1).mean(1).numpy()
+    return compute
+
+
+def run_batcher(coro_fn, compute, **kw):
+    async def main():
+        params = dict(max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16)
+        params.update(kw)
+        b = Batcher(compute, ThreadPoolExecutor(1), **params)
+        b.start()
+        try:
+            return await coro_fn(b)
+        finally:
+            await b.close()
+    return asyncio.run(main())
+
+
+def test_batcher_merges_and_splits_answers():
+    calls = []
+    xs = [torch.full((n, 1, 2, 2), float(i) / 10) for i, n in enumerate([1, 2, 1, 3])]
+
+    async def go(b):
+        return await asyncio.gather(*(b.submit(x, FAST) for x in xs))
+
+    results = run_batcher(go, fake_compute(calls))
+    assert [c[0] for c in calls] == [7]                       # one batch of 1+2+1+3 images
+    for x, (images, errors) in zip(xs, results):
+        np.testing.assert_allclose(images, x.numpy() * 0.5)  # each caller gets its own slice
+        assert errors.shape == (x.shape[0],)
+
+
+def test_batcher_groups_by_options_and_runs_seeded_requests_alone():
+    calls = []
+    a, b_cfg, seeded = FAST, FAST.with_(steps=5), FAST.with_(seed=3)
+
+    async def go(b):
+        x = torch.zeros(1, 1, 2, 2)
+        return await asyncio.gather(b.submit(x, a), b.submit(x, b_cfg), b.submit(x, a),
+                                    b.submit(x, seeded), b.submit(x, seeded))
+
+    run_batcher(go, fake_compute(calls))
+    sizes = sorted((n, cfg.steps, cfg.seed) for n, cfg in calls)
+    assert sizes == [(1, 5, None), (1, 60, 3), (1, 60, 3), (2, 60, None)]
+
+
+def test_batcher_respects_max_batch_size():
+    calls = []
+
+    async def go(b):
+        return await asyncio.gather(*(b.submit(torch.zeros(3, 1, 2, 2), FAST) for _ in range(4)))
+
+    run_batcher(go, fake_compute(calls), max_batch_size=7)
+    assert all(n <= 7 for n, _ in calls) and sum(n for n, _ in calls) == 12
+
+
+def test_failed_batch_fails_each_request():
+    def compute(x, cfg):
+        raise RuntimeError("out of memory")
+
+    async def go(b):
+        return await asyncio.gather(*(b.submit(torch.zeros(1, 1, 2, 2), FAST) for _ in range(3)),
+                                    return_exceptions=True)
+
+    results = run_batcher(go, compute)
+    assert len(results) == 3 and all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results)
+
+
+def test_full_queue_refuses_at_once_and_stale_requests_are_dropped():
+    calls = []
+
+    def slow(x, cfg):
+        time.sleep(0.2)
+        return fake_compute(calls)(x, cfg)
+
+    async def go(b):
+        first = asyncio.ensure_future(b.submit(torch.zeros(1, 1, 2, 2), FAST))
+        await asyncio.sleep(0.05)                       # the first batch is computing now
+        stale = asyncio.ensure_future(b.submit(torch.zeros(1, 1, 2, 2), FAST.with_(steps=1),
+                                               deadline=time.monotonic() + 0.05))
+        queued = asyncio.ensure_future(b.submit(torch.zeros(1, 1, 2, 2), FAST))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="queue full"):
+            await b.submit(torch.zeros(1, 1, 2, 2), FAST)
+        return await asyncio.gather(first, stale, queued, return_exceptions=True)
+
+    first, stale, queued = run_batcher(go, slow, max_queue_size=2, max_queue_delay_s=0)
+    assert isinstance(stale, DeadlineError) and "nothing was computed" in str(stale)
+    assert not isinstance(first, Exception) and not isinstance(queued, Exception)
+    assert all(cfg.steps == 60 for _, cfg in calls)    # the stale request never reached compute
+
+
+@pytest.mark.integration
+def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, tiny_model_dir):
+    n = 12
+    xs = images(n, seed=5)
+    with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=100, max_batch_size=16)) as server:
+        clients = Clients(server.port)
+        results = [None] * n
+        barrier = threading.Barrier(n)
+
+        def call(i):
+            barrier.wait()
+            results[i] = clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(xs[i:i + 1])), timeout=60)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = scrape(server)
+        clients.close()
+    for i, r in enumerate(results):
+        out = to_array(r.purification.images)[0]                       # (1, 8, 8)
+        dist = ((xs - out) ** 2).reshape(n, -1).mean(1)
+        assert dist.argmin() == i                                      # closest to its own input
+        assert r.purification.reconstruction_error[0] == pytest.approx(dist[i], rel=1e-4, abs=1e-7)
+    batches = metric(text, "purifier_batch_size_count")
+    assert metric(text, "purifier_batch_size_sum") == n                # the warm-up is not counted
+    assert batches < n, f"{n} concurrent requests ran in {batches} batches: nothing merged"
+
+
+@pytest.mark.integration
+def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir):
+    settings = settings_for(tiny_model_dir, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0)
+    with running(aloop, settings) as server:
+        real = server.plane.engine.project
+
+        def slow(x, cfg):
+            time.sleep(0.3)
+            return real(x, cfg)
+
+        server.plane.engine.project = slow
+        clients = Clients(server.port)
+        codes = []
+
+        def call():
+            try:
+                clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                assert "queue full" in e.details()
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 1 and codes.count(grpc.StatusCode.OK) >= 3
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        server.plane.engine.project = real
+        assert metric(scrape(server), "purifier_rejected_total", reason="queue_full") == codes.count(
+            grpc.StatusCode.UNAVAILABLE)
+        clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
+        clients.close()
+
+
+@pytest.mark.integration
+def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_model_dir):
+    with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=0)) as server:
+        real = server.plane.engine.project
+        seen = []
+
+        def slow(x, cfg):
+            seen.append(cfg.steps)
+            time.sleep(0.5)
+            return real(x, cfg)
+
+        server.plane.engine.project = slow
+        clients = Clients(server.port)
+        busy = threading.Thread(target=lambda: clients.purifier.Purify(
+            pb.PurifyRequest(tensor=tensor(images(1))), timeout=60))
+        busy.start()
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as e:
+            clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1)), options=pb.ProjectionOptions(steps=3)),
+                                    timeout=0.2)
+        busy.join()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 3 not in seen                                            # dropped before compute
+        server.plane.engine.project = real
+        clients.close()
