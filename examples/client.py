@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, default=0.3, help="FGSM step, in [0, 1] pixel units")
     p.add_argument("--batch-size", type=int, default=8, help="images per request")
     p.add_argument("--seed", type=int, default=0, help="which test images (seeded choice)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="projection steps L per image (default: the server's preset)")
+    p.add_argument("--restarts", type=int, default=None,
+                   help="projection restarts R per image (default: the server's preset)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds per request (purification on a CPU takes a while)")
     p.add_argument("--authority", default=None,
@@ -123,26 +127,49 @@ def to_wire(x: np.ndarray, ep: Endpoint) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def infer(ep: Endpoint, x: np.ndarray, batch_size: int, timeout: float) -> tuple[np.ndarray, dict]:
-    """Predicted classes for all images, and the response parameters of the first request."""
+@dataclass
+class Answers:
+    preds: np.ndarray                   # (N,) predicted class
+    errors: np.ndarray | None = None    # (N,) purifier's reconstruction error
+    flagged: np.ndarray | None = None   # (N,) bool: above the calibrated threshold
+    settings: str = ""                  # the L and R purifier used
+
+
+def response_params(response) -> dict:
+    """A V2 response's parameters as plain values (InferParameter is a oneof)."""
+    out = {}
+    for key, p in response.parameters.items():
+        field = p.WhichOneof("parameter_choice")
+        out[key] = getattr(p, field) if field else None
+    return out
+
+
+def infer(ep: Endpoint, x: np.ndarray, batch_size: int, timeout: float,
+          options: dict | None = None) -> Answers:
+    """Classes for all images, in requests of batch_size, and what purifier reported (it adds
+    per-image results to the response parameters as comma-separated lists)."""
     import tritonclient.grpc as grpcclient
 
-    preds, params = [], {}
+    preds, errors, flags, params = [], [], [], {}
     for start in range(0, len(x), batch_size):
         batch = to_wire(x[start:start + batch_size], ep)
         inp = grpcclient.InferInput(ep.input_name, list(batch.shape), ep.datatype)
         inp.set_data_from_numpy(batch)
         result = ep.client.infer(ep.model, [inp], outputs=[grpcclient.InferRequestedOutput(ep.output_name)],
-                                 client_timeout=timeout)
+                                 client_timeout=timeout, parameters=options or None)
         preds.append(result.as_numpy(ep.output_name).reshape(len(batch), -1).argmax(1))
-        if start == 0:
-            params = result.get_response(as_json=True).get("parameters", {})
-    return np.concatenate(preds), params
-
-
-def show_params(params: dict) -> str:
-    """V2 parameters come back as {"name": {"string_param": ...}}; print the values only."""
-    return ", ".join(f"{k}={next(iter(v.values()), '')}" for k, v in sorted(params.items())) or "(none)"
+        params = response_params(result.get_response())
+        if "purifier_reconstruction_error" in params:
+            errors += [float(e) for e in params["purifier_reconstruction_error"].split(",")]
+            flags += [f == "1" for f in params["purifier_adversarial"].split(",")]
+    answers = Answers(np.concatenate(preds))
+    if errors:
+        answers.errors, answers.flagged = np.array(errors), np.array(flags)
+        calibrated = params.get("purifier_threshold_calibrated")
+        answers.settings = (f"L={params.get('purifier_steps')} R={params.get('purifier_restarts')}, "
+                            + (f"threshold {params['purifier_threshold']:.4g}" if calibrated
+                               else "no calibrated threshold (nothing flagged)"))
+    return answers
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -158,23 +185,33 @@ def main(argv: list[str] | None = None) -> int:
     ep = routes[-1][1]
     print(f"model {args.model!r}: input {ep.input_name} {ep.datatype} "
           f"{'NHWC' if ep.channels_last else 'NCHW'}, output {ep.output_name}")
+    # per-request projection options, read (and stripped before forwarding) by purifier
+    options = {k: v for k, v in (("purifier_steps", args.steps), ("purifier_restarts", args.restarts))
+               if v is not None}
 
-    answers = {("local", "clean"): local["clean"], ("local", "fgsm"): local["fgsm"]}
+    answers = {("local", "clean"): Answers(local["clean"]), ("local", "fgsm"): Answers(local["fgsm"])}
     for route, endpoint in routes:
         for kind, images in (("clean", clean), ("fgsm", adv)):
             t0 = time.perf_counter()
-            answers[route, kind], params = infer(endpoint, images, args.batch_size, args.timeout)
+            got = answers[route, kind] = infer(endpoint, images, args.batch_size, args.timeout,
+                                               options if route == "purified" else None)
             took = time.perf_counter() - t0
             print(f"  {route:8s} {kind:5s} {len(images)} images in {took:6.2f}s"
-                  + (f"; purifier said: {show_params(params)}" if route == "purified" else ""))
+                  + (f" ({got.settings})" if got.settings else ""))
 
-    print(f"\naccuracy over {len(labels)} images    clean    FGSM")
+    print(f"\n  {f'accuracy, {len(labels)} images':28s} {'clean':>7s}  {'FGSM':>7s}")
     titles = {"local": "local classifier (no server)", "direct": "classifier server, direct",
               "purified": "through purifier"}
     for route, title in titles.items():
         if (route, "clean") in answers:
-            acc = [100.0 * float(np.mean(answers[route, k] == labels)) for k in ("clean", "fgsm")]
+            acc = [100.0 * float(np.mean(answers[route, k].preds == labels)) for k in ("clean", "fgsm")]
             print(f"  {title:28s} {acc[0]:6.1f}%  {acc[1]:6.1f}%")
+    purified = [answers["purified", k] for k in ("clean", "fgsm")]
+    if all(a.errors is not None for a in purified):
+        err = [f"{a.errors.mean():.4f}" for a in purified]
+        flagged = [f"{int(a.flagged.sum())}/{len(a.flagged)}" for a in purified]
+        print(f"  {'mean reconstruction error':28s} {err[0]:>7s}  {err[1]:>7s}")
+        print(f"  {'flagged as adversarial':28s} {flagged[0]:>7s}  {flagged[1]:>7s}")
 
     shown = [r for r in ("direct", "purified") if (r, "clean") in answers]
     print(f"\n{'label':10s}" + "".join(f"{r + ' ' + k:>18s}" for r in shown for k in ("clean", "fgsm")))
@@ -182,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for r in shown:
             for k in ("clean", "fgsm"):
-                p = int(answers[r, k][i])
-                cells.append(f"{names[p] + (' ' if p == labels[i] else ' x'):>18s}")
+                p = int(answers[r, k].preds[i])
+                cells.append(f"{names[p] + ('  ' if p == labels[i] else ' x'):>18s}")
         print(f"{names[int(labels[i])]:10s}" + "".join(cells))
+    print("(x: wrong answer)")
     return 0
 
 

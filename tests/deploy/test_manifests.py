@@ -31,8 +31,6 @@ def parse(argv: list[str], environ: dict[str, str] | None = None):
     """The settings `purifier <argv>` would run with: the real parser, then the same settings
     builder and validation the command uses. The environment is `environ` only (not the
     test's), so defaults are the CLI's."""
-    pytest.importorskip("purifier.commands.serve")  # until the service lands
-    pytest.importorskip("purifier.commands.serve_classifier")
     from purifier.cli import build_parser
     from purifier.settings import classifier_settings, serve_settings
 
