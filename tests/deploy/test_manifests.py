@@ -290,6 +290,19 @@ def test_run_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+def test_run_script_commands_parse_and_connect():
+    """The main job's two commands: their flags exist, and purifier forwards to the classifier."""
+    text = (ROOT / "scripts" / "run.sh").read_text()
+    text = text.replace('"$MODEL_DIR"', "models/fashion-mnist").replace("$CLASSIFIER_PORT", "8001")
+    commands = {}
+    for line in text.splitlines():
+        if line.startswith('"$PURIFIER" '):
+            argv = shlex.split(line.removeprefix('"$PURIFIER" ').replace('"$@"', "").rstrip("& "))
+            commands[argv[0]] = parse(argv)
+    assert set(commands) == {"serve", "serve-classifier"}
+    assert host_port(commands["serve"].downstream) == ("localhost", commands["serve-classifier"].port)
+
+
 def test_healthcheck_reports_unhealthy_when_nothing_listens():
     import socket
 
