@@ -25,8 +25,17 @@ class ClassifierTrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    shift: int = 0                # random translation augmentation, in pixels (0: off)
     seed: int = 0
     device: str = "cpu"
+
+
+def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``pixels`` in x and y, filling with zeros."""
+    B, _, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pixels,) * 4)                 # (B, C, H+2p, W+2p)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]: dy[i] + H, dx[i]: dx[i] + W] for i in range(B)])
 
 
 @torch.no_grad()
@@ -62,7 +71,10 @@ def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
             batches = tqdm(batches, desc=f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for i in batches:
             idx = perm[i: i + cfg.batch_size]
-            loss = F.cross_entropy(model(tr.images[idx].to(device)), tr.labels[idx].to(device))
+            xb = tr.images[idx]
+            if cfg.shift:
+                xb = random_shift(xb, cfg.shift, gen)
+            loss = F.cross_entropy(model(xb.to(device)), tr.labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -78,7 +90,7 @@ def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
         "training": {
             "command": (f"purifier train-classifier --dataset {cfg.dataset} --arch {cfg.arch} "
                         f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} "
-                        f"--seed {cfg.seed} --out {cfg.out_dir} --name {cfg.name}"),
+                        f"--shift {cfg.shift} --seed {cfg.seed} --out {cfg.out_dir} --name {cfg.name}"),
             "settings": asdict(cfg),
             "train_images": n,
             "epochs": cfg.epochs,

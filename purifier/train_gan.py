@@ -84,24 +84,36 @@ def train(cfg: GANTrainConfig, resume: bool = False, progress: bool = True,
     fixed_z = torch.randn(64, cfg.latent_dim, generator=gen, device=device)
     start, wall = 0, 0.0
     history: list[dict] = []
+    segments: list[dict] = []  # one entry per run of train(): settings may change on --resume
 
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         G.load_state_dict(state["G"]); D.load_state_dict(state["D"])
         opt_g.load_state_dict(state["opt_g"]); opt_d.load_state_dict(state["opt_d"])
-        if G_ema is not None and "G_ema" in state:
+        if G_ema is not None and "G_ema" in state and "ema_warmup" in state:
             G_ema.load_state_dict(state["G_ema"])
+        elif G_ema is not None:  # no EMA yet, or one made without warm-up: start it from G
+            G_ema.load_state_dict(G.state_dict())
         gen.set_state(state["rng"].cpu() if device.type == "cpu" else state["rng"])
         torch.set_rng_state(state["torch_rng"])
         start, wall = int(state["iteration"]), float(state["wall_seconds"])
         history = json.loads(state["history"])
+        if "segments" in state:
+            segments = json.loads(state["segments"])
+        else:  # checkpoints written before segments were recorded: one segment from 0
+            old = json.loads(state["config"])
+            segments = [{"from_iteration": 0, **{k: old[k] for k in
+                         ("batch_size", "n_critic", "lr", "gp_weight", "ema", "device")}}]
         print(f"resumed {ckpt_path} at iteration {start}")
+    segments.append({"from_iteration": start, "batch_size": cfg.batch_size, "n_critic": cfg.n_critic,
+                     "lr": cfg.lr, "gp_weight": cfg.gp_weight, "ema": cfg.ema, "device": cfg.device,
+                     "threads": torch.get_num_threads()})
 
     def save(it: int) -> None:
         state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
                  "opt_d": opt_d.state_dict(), "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "iteration": it, "wall_seconds": wall, "config": json.dumps(asdict(cfg)),
-                 "history": json.dumps(history)}
+                 "history": json.dumps(history), "segments": json.dumps(segments), "ema_warmup": 1}
         if G_ema is not None:
             state["G_ema"] = G_ema.state_dict()
         tmp = ckpt_path.with_suffix(".tmp")
@@ -128,7 +140,8 @@ def train(cfg: GANTrainConfig, resume: bool = False, progress: bool = True,
             with torch.no_grad():
                 fake = G(torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen, device=device))
             gp = gradient_penalty(D, real, fake, gen)
-            d_loss = D(fake).mean() - D(real).mean() + cfg.gp_weight * gp
+            scores = D(torch.cat([real, fake]))                      # (2B,) one pass for both
+            d_loss = scores[real.shape[0]:].mean() - scores[: real.shape[0]].mean() + cfg.gp_weight * gp
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
@@ -140,9 +153,12 @@ def train(cfg: GANTrainConfig, resume: bool = False, progress: bool = True,
         g_loss.backward()
         opt_g.step()
         if G_ema is not None:
+            # Warm-up (decay grows to cfg.ema) so the average does not drag in the random
+            # initial weights when training runs only a few thousand iterations.
+            decay = min(cfg.ema, (1 + it) / (10 + it))
             with torch.no_grad():
                 for pe, p in zip(G_ema.parameters(), G.parameters()):
-                    pe.lerp_(p, 1 - cfg.ema)
+                    pe.lerp_(p, 1 - decay)
         it += 1
         wall += time.time() - t0
         if bar is not None:
@@ -164,7 +180,8 @@ def train(cfg: GANTrainConfig, resume: bool = False, progress: bool = True,
             break
     if bar is not None:
         bar.close()
-    summary = {"iterations": it, "wall_seconds": round(wall, 1), "finished": it >= cfg.iterations}
+    summary = {"iterations": it, "wall_seconds": round(wall, 1), "finished": it >= cfg.iterations,
+               "segments": segments, "last_losses": history[-1] if history else None}
     if cfg.out_dir:
         export(cfg, G_ema or G, summary)
     return summary
@@ -182,6 +199,8 @@ def export(cfg: GANTrainConfig, G: nn.Module, summary: dict) -> None:
                         f"--seed {cfg.seed} --run-dir {cfg.run_dir} --out {cfg.out_dir} --resume"),
             "settings": asdict(cfg),
             "iterations": summary["iterations"],
+            "segments": summary["segments"],
+            "last_losses": summary["last_losses"],
             "wall_seconds": summary["wall_seconds"],
             "hardware": hardware(cfg.device),
             "recipe": "WGAN-GP (GP 10, Adam 1e-4, betas 0.5/0.9); exported weights are "

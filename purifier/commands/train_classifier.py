@@ -17,6 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=C.epochs)
     p.add_argument("--batch-size", type=int, default=C.batch_size)
     p.add_argument("--lr", type=float, default=C.lr)
+    p.add_argument("--shift", type=int, default=C.shift, help="random-translation augmentation (pixels)")
     p.add_argument("--seed", type=int, default=C.seed)
     p.add_argument("--no-progress", action="store_true")
 
@@ -26,7 +27,7 @@ def run(args) -> int:
 
     cfg = ClassifierTrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                                 out_dir=args.out or f"models/{args.dataset}", name=args.name,
-                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, shift=args.shift,
                                 seed=args.seed, device=resolve_device(args))
     summary = train(cfg, progress=not args.no_progress)
     print(summary["metrics"])
