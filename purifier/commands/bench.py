@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_data, add_device, resolve_device
+
+HELP = ("benchmark the projection: images/s and latency per configuration, and clean/FGSM accuracy "
+        "after purification paired against the paper configuration")
+
+
+def add_arguments(p) -> None:
+    add_data(p)
+    add_device(p)
+    p.add_argument("--model-dir", default=None, help="default models/<dataset>")
+    p.add_argument("--config", action="append", default=None, metavar="SPEC",
+                   help="a configuration: a preset (paper, fast) or NAME=BASE:key=value,... "
+                        "e.g. fast-fp32=fast:precision=fp32; repeat the flag; the first is the "
+                        "reference for ratios and paired differences (default: paper, fast)")
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes for the speed part")
+    p.add_argument("--speed-images", type=int, default=64, help="test images per throughput measurement (0: skip)")
+    p.add_argument("--quality-images", type=int, default=0,
+                   help="seeded test images for the accuracy part (0: skip; the issue asks for >= 1000)")
+    p.add_argument("--quality-batch", type=int, default=100)
+    p.add_argument("--conditions", default="clean,fgsm", help="clean and/or fgsm")
+    p.add_argument("--eps", type=float, default=0.3, help="FGSM step (L-inf, images in [0, 1])")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="reuse purified results (e.g. the slow paper configuration) across runs")
+    p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
+
+
+def run(args) -> int:
+    from .. import checkpoint, data
+    from ..bench import BenchSettings, parse_config, run_bench
+
+    device = resolve_device(args)
+    specs = args.config or ["paper", "fast"]
+    settings = BenchSettings(
+        configs=[parse_config(s) for s in specs],
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
+        speed_images=args.speed_images, quality_images=args.quality_images,
+        quality_batch=args.quality_batch, eps=args.eps,
+        conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache)
+    bundle = checkpoint.load_bundle(args.model_dir or f"models/{args.dataset}", device,
+                                    need_classifier=bool(args.quality_images))
+    test = data.load(args.dataset, "test", args.data_dir)
+    result = run_bench(bundle, test, settings, device, args.dataset,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["command"] = "purifier bench " + " ".join(sys.argv[2:])
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import shlex
+import sys
+
+from .common import add_data, add_device, resolve_device
+
+HELP = "train the encoder E(x)->z that starts the fast projection near its answer"
+
+
+def add_arguments(p) -> None:
+    from ..train_encoder import EncoderTrainConfig as C
+
+    add_data(p)
+    add_device(p)
+    p.add_argument("--model-dir", default=None,
+                   help="folder with generator.safetensors; encoder.safetensors goes there (default models/<dataset>)")
+    p.add_argument("--steps", type=int, default=C.steps)
+    p.add_argument("--batch-size", type=int, default=C.batch_size)
+    p.add_argument("--lr", type=float, default=C.lr)
+    p.add_argument("--latent-weight", type=float, default=C.latent_weight)
+    p.add_argument("--recon-weight", type=float, default=C.recon_weight,
+                   help="weight of the reconstruction loss on real training images (0: synthetic pairs only)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=C.precision)
+    p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+
+
+def run(args) -> int:
+    from ..train_encoder import EncoderTrainConfig, train
+
+    cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             latent_weight=args.latent_weight, recon_weight=args.recon_weight,
+                             precision=args.precision, seed=args.seed,
+                             max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    device = resolve_device(args)
+
+    def progress(step, lat, rec):
+        print(f"step {step}: latent loss {lat:.4f}, recon loss {rec:.5f}", flush=True)
+
+    summary = train(args.model_dir or f"models/{args.dataset}", args.dataset, cfg, args.data_dir, device,
+                    command="purifier " + shlex.join(sys.argv[1:]), progress=progress)
+    print({k: summary[k] for k in ("file", "steps_run", "wall_seconds", "train_recon_error_of_encoder_alone")})
+    return 0

@@ -1,0 +1,115 @@
+"""Train an encoder E(x) -> z for a trained generator G, to start the projection near its
+answer (the "invert and defend" / InverseGAN idea).
+
+Two losses, every step, on a frozen G:
+
+- latent regression on synthetic pairs: ||E(G(z)) - z||^2 for z ~ N(0, I) (G's prior), which
+  teaches E to invert G where G is exact;
+- reconstruction on real training images: ||G(E(x)) - x||^2, which is what the projection
+  itself minimises, so E learns to land where the projection would go for real data
+  (real images are not exactly on G's range, and latent regression alone ignores that).
+
+Only E's weights are updated; G is used under ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .models import Encoder
+
+
+@dataclass(frozen=True)
+class EncoderTrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    latent_weight: float = 1.0   # weight of ||E(G(z)) - z||^2 (mean over latent dims)
+    recon_weight: float = 10.0   # weight of ||G(E(x)) - x||^2 (mean over pixels) on real images
+    dim: int = 64                # encoder width (same trunk as the critic)
+    precision: str = "fp32"      # "bf16": autocast for the forward passes (AMX / tensor cores)
+    seed: int = 0
+    max_seconds: float | None = None  # stop early (the card records the steps actually run)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: EncoderTrainConfig,
+                progress=None) -> tuple[Encoder, dict]:
+    """Train an encoder for ``generator``. ``real_images`` (N, C, H, W) in [0, 1] on the
+    generator's device, or None for synthetic pairs only. Returns (encoder in eval mode, stats)."""
+    device = next(generator.parameters()).device
+    C, H, W = generator.image_shape.as_tuple()
+    D = generator.latent_dim
+    torch.manual_seed(cfg.seed)
+    rng = torch.Generator(device=device).manual_seed(cfg.seed)
+    for p in generator.parameters():
+        p.requires_grad_(False)
+    generator.eval()
+    enc = Encoder(D, C, H, W, cfg.dim).to(device).train()
+    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
+    start = time.perf_counter()
+    steps_run, lat_loss, rec_loss = 0, float("nan"), float("nan")
+    for step in range(cfg.steps):
+        z = torch.randn(cfg.batch_size, D, generator=rng, device=device)     # (b, D) G's prior
+        with torch.no_grad(), _autocast(device, cfg.precision):
+            fake = generator(z).float()                                      # (b, C, H, W)
+        with _autocast(device, cfg.precision):
+            loss_lat = (enc(fake).float() - z).pow(2).mean()
+            loss = cfg.latent_weight * loss_lat
+            if real_images is not None and cfg.recon_weight > 0:
+                idx = torch.randint(len(real_images), (cfg.batch_size,), generator=rng, device=device)
+                x = real_images[idx]                                         # (b, C, H, W)
+                loss_rec = (generator(enc(x)).float() - x).pow(2).mean()
+                loss = loss + cfg.recon_weight * loss_rec
+            else:
+                loss_rec = torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loss_lat, loss_rec = loss_lat.detach(), loss_rec.detach()
+        opt.step()
+        sched.step()
+        steps_run = step + 1
+        lat_loss, rec_loss = loss_lat.item(), loss_rec.item()
+        if progress is not None and (step % 100 == 0 or step + 1 == cfg.steps):
+            progress(step + 1, lat_loss, rec_loss)
+        if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+            break
+    stats = dict(steps_run=steps_run, final_latent_loss=lat_loss, final_recon_loss=rec_loss,
+                 wall_seconds=round(time.perf_counter() - start, 1))
+    return enc.eval(), stats
+
+
+def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str | None = None,
+          device: str = "cpu", command: str | None = None, progress=None) -> dict:
+    """Train an encoder for ``<model_dir>/generator.safetensors`` on ``dataset``'s training
+    images; save ``<model_dir>/encoder.safetensors`` and record the run in the card."""
+    from pathlib import Path
+
+    from . import checkpoint, data
+
+    model_dir = Path(model_dir)
+    generator = checkpoint.load_generator(model_dir / "generator.safetensors", device)
+    real = data.load(dataset, "train", data_dir).images.to(device)
+    enc, stats = fit_encoder(generator, real, cfg, progress=progress)
+    with torch.no_grad():  # how close E alone gets, on a fixed slice of the training images
+        x = real[:512]
+        recon = (generator(enc(x)) - x).pow(2).flatten(1).mean(1).mean().item()
+    path = model_dir / "encoder.safetensors"
+    checkpoint.save_module(enc.cpu(), path, "encoder")
+    section = dict(file=path.name, command=command, dataset=dataset, settings=asdict(cfg),
+                   train_recon_error_of_encoder_alone=recon, **stats,
+                   hardware=dict(device=str(device), cpu=platform.processor() or platform.machine(),
+                                 threads=torch.get_num_threads(),
+                                 gpu=torch.cuda.get_device_name() if str(device).startswith("cuda") else None),
+                   torch=torch.__version__)
+    checkpoint.update_card(model_dir, encoder=section)
+    return section

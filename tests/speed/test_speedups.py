@@ -1,0 +1,125 @@
+"""Each speed-up keeps the projection's answer at least as good as what it skipped would
+have guaranteed. No test here asserts a timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from purifier.projection import ProjectionConfig, project
+
+ADAM = ProjectionConfig(steps=60, restarts=6, optimizer="adam", lr=0.05, seed=3)
+TOL = 1e-6  # batch size changes the float summation order of G's convolutions
+
+
+def generator_passes(gen, fn) -> int:
+    """Latents pushed through G with gradients on (the projection's steps)."""
+    n = [0]
+    h = gen.register_forward_hook(lambda m, i, o: n.__setitem__(0, n[0] + o.shape[0])
+                                  if torch.is_grad_enabled() else None)
+    try:
+        fn()
+    finally:
+        h.remove()
+    return n[0]
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_pruning_never_returns_worse_than_the_best_restart_at_the_prune(sharp_gen, mixed_batch, keep):
+    P = 10
+    pruned = project(sharp_gen, mixed_batch, ADAM.with_(prune_after=P, keep=keep))
+    # Same seed, no pruning, stopped at the prune: the best of all restarts so far.
+    at_prune = project(sharp_gen, mixed_batch, ADAM.with_(steps=P - 1))
+    assert torch.all(pruned.errors <= at_prune.errors * (1 + TOL) + 1e-9)
+    # ... and pruning did cut the work.
+    full = generator_passes(sharp_gen, lambda: project(sharp_gen, mixed_batch, ADAM))
+    cut = generator_passes(sharp_gen, lambda: project(sharp_gen, mixed_batch, ADAM.with_(prune_after=P, keep=keep)))
+    assert cut < full
+
+
+def test_early_stopping_never_returns_worse_than_its_last_check(sharp_gen, mixed_batch):
+    cfg = ADAM.with_(steps=200, early_stop_tol=0.05, check_every=5)
+    stopped = project(sharp_gen, mixed_batch, cfg)
+    # Every image runs at least two check periods before it can retire.
+    floor = project(sharp_gen, mixed_batch, ADAM.with_(steps=2 * cfg.check_every))
+    assert torch.all(stopped.errors <= floor.errors * (1 + TOL) + 1e-9)
+    # Some images did retire early, so fewer generator passes than the full run.
+    es = generator_passes(sharp_gen, lambda: project(sharp_gen, mixed_batch, cfg))
+    full = generator_passes(sharp_gen, lambda: project(sharp_gen, mixed_batch, cfg.with_(early_stop_tol=0)))
+    assert es < full
+
+
+def test_early_stopping_with_pruning_returns_consistent_answers(sharp_gen, mixed_batch):
+    cfg = ADAM.with_(steps=100, prune_after=10, keep=2, early_stop_tol=0.02, check_every=5)
+    p = project(sharp_gen, mixed_batch, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(p.images, sharp_gen(p.latents))
+    torch.testing.assert_close(p.errors, (p.images - mixed_batch).pow(2).flatten(1).mean(1))
+    floor = project(sharp_gen, mixed_batch, ADAM.with_(steps=9))
+    assert torch.all(p.errors <= floor.errors * (1 + TOL) + 1e-9)
+
+
+def test_encoder_start_lowers_the_initial_error(sharp_gen, mixed_batch):
+    from purifier.train_encoder import EncoderTrainConfig, fit_encoder
+
+    real = mixed_batch[:4].repeat(8, 1, 1, 1)
+    enc, stats = fit_encoder(sharp_gen, real, EncoderTrainConfig(steps=300, batch_size=32, lr=3e-3, dim=8))
+    assert stats["steps_run"] == 300
+    on_range = mixed_batch[:4]
+    start = ProjectionConfig(steps=0, restarts=1, seed=0)
+    random_start = project(sharp_gen, on_range, start).errors
+    encoder_start = project(sharp_gen, on_range, start.with_(encoder_starts=1), encoder=enc).errors
+    assert encoder_start.mean() < 0.5 * random_start.mean()
+    # And after a few steps the encoder-started projection is still ahead.
+    few = ADAM.with_(steps=10, restarts=2)
+    assert (project(sharp_gen, on_range, few.with_(encoder_starts=1), encoder=enc).errors.mean()
+            < project(sharp_gen, on_range, few).errors.mean())
+
+
+def test_bf16_steers_but_fp32_scores(sharp_gen, mixed_batch):
+    p16 = project(sharp_gen, mixed_batch, ADAM.with_(precision="bf16"))
+    p32 = project(sharp_gen, mixed_batch, ADAM)
+    with torch.no_grad():  # the reported answer is exact fp32, whatever steered the search
+        torch.testing.assert_close(p16.images, sharp_gen(p16.latents))
+    torch.testing.assert_close(p16.errors, (p16.images - mixed_batch).pow(2).flatten(1).mean(1))
+    start = project(sharp_gen, mixed_batch, ADAM.with_(steps=0, restarts=1)).errors
+    assert (p16.errors[:4] < start[:4] / 10).all()  # the on-range half is solved
+    assert p16.errors.mean() <= 2 * p32.errors.mean() + 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_on_cpu(sharp_gen, mixed_batch):
+    cfg = ADAM.with_(steps=20, prune_after=5, keep=2)
+    eager = project(sharp_gen, mixed_batch, cfg)
+    compiled = project(sharp_gen, mixed_batch, cfg.with_(compile=True))
+    torch.testing.assert_close(compiled.latents, eager.latents, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(compiled.errors, eager.errors, atol=1e-6, rtol=1e-3)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_step_matches_eager_on_gpu(sharp_gen, mixed_batch, precision):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    g, x = sharp_gen.cuda(), mixed_batch.cuda()
+    cfg = ADAM.with_(steps=20, prune_after=5, keep=2, precision=precision)
+    eager = project(g, x, cfg)
+    graphed = project(g, x, cfg.with_(compile=True))
+    again = project(g, x, cfg.with_(compile=True))  # a replay, not a fresh capture
+    tol = dict(atol=1e-4, rtol=1e-3) if precision == "fp32" else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(graphed.latents, eager.latents, **tol)
+    torch.testing.assert_close(again.latents, graphed.latents)
+    torch.testing.assert_close(graphed.errors, (graphed.images - x).pow(2).flatten(1).mean(1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_channels_last_matches_on_gpu(sharp_gen, mixed_batch):
+    g, x = sharp_gen.cuda(), mixed_batch.cuda()
+    ref = project(g, x, ADAM.with_(steps=20))
+    cl = project(g, x, ADAM.with_(steps=20, channels_last=True))
+    torch.testing.assert_close(cl.latents, ref.latents, atol=1e-3, rtol=1e-3)
