@@ -43,7 +43,8 @@ def _request_id(request, context) -> str:
 
 
 def rpc(method: str):
-    """Wrap an async servicer method ``(self, request, context)``; ``self.metrics`` counts it."""
+    """Wrap an async servicer method ``(self, request, context)``; ``self.metrics`` counts it
+    (before the answer leaves, so a scrape right after an RPC already sees it)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -51,28 +52,34 @@ def rpc(method: str):
             rid = _request_id(request, context)
             token = logs.request_id.set(rid)
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                context.set_trailing_metadata((("x-request-id", rid),))
-                return await fn(self, request, context)
-            except errors.PurifierError as exc:
-                code = code_for(exc)
-                logs.log(log, logging.INFO, f"{method} failed: {exc}", method=method, code=code.name)
-                await context.abort(code, str(exc))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED  # the caller went away or its deadline passed
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception(f"{method}: unexpected error")
-                await context.abort(code, f"internal error (request id {rid}); the server log has details")
-            finally:
+
+            def record(code: grpc.StatusCode) -> None:
                 if self.metrics is not None:
                     self.metrics.requests.labels(method, code.name).inc()
                     self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+            try:
+                context.set_trailing_metadata((("x-request-id", rid),))
+                response = await fn(self, request, context)
+                record(grpc.StatusCode.OK)
+                return response
+            except errors.PurifierError as exc:
+                code = code_for(exc)
+                record(code)
+                logs.log(log, logging.INFO, f"{method} failed: {exc}", method=method, code=code.name)
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                # the caller went away, or its deadline passed while we worked
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+                raise
+            except Exception:
+                record(grpc.StatusCode.INTERNAL)
+                log.exception(f"{method}: unexpected error")
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"internal error (request id {rid}); the server log has details")
+            finally:
                 logs.request_id.reset(token)
 
         return handler

@@ -30,12 +30,13 @@ def test_stop_drains_every_accepted_request(aloop, tiny_model_dir):
     settings = settings_for(tiny_model_dir, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
         real = server.plane.engine.project
+        gate = threading.Event()
 
-        def slow(x, cfg):
-            time.sleep(0.2)
+        def gated(x, cfg):
+            gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = slow
+        server.plane.engine.project = gated
         clients = Clients(server.port)
         results = []
 
@@ -46,13 +47,17 @@ def test_stop_drains_every_accepted_request(aloop, tiny_model_dir):
         threads = [threading.Thread(target=call) for _ in range(5)]
         for t in threads:
             t.start()
-        time.sleep(0.3)                                   # all five accepted, most still queued
+        deadline = time.monotonic() + 20
+        while server.plane.batcher.depth < 4:            # one batch held at the gate, four queued
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=10), aloop.loop)
         time.sleep(0.05)
         assert not server.state.ready
         with pytest.raises(grpc.RpcError) as e:           # new work is refused while draining
             Clients(server.port).purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()
         for t in threads:
             t.join()
         stopping.result(15)
