@@ -183,7 +183,8 @@ def _build(cls, flags, args, environ) -> object:
             try:
                 value = typ(raw)
             except ValueError:
-                raise ConfigError(f"bad settings: {_env_name(flag)}={raw!r}: expected a {typ.__name__}") from None
+                kind = {int: "an integer", float: "a number"}.get(typ, "a string")
+                raise ConfigError(f"bad settings: {_env_name(flag)}={raw!r}: expected {kind}") from None
         if value is not None:
             values[dest] = value
     return cls(**values)

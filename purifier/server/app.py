@@ -25,7 +25,7 @@ from ..proto import POOL
 from ..proto.inference import grpc_service_pb2_grpc as v2_grpc
 from ..proto.purifier.v1 import purifier_pb2_grpc
 from ..settings import ServeSettings
-from . import logs
+from . import codec, logs
 from .batching import Batcher
 from .dataplane import DataPlane
 from .downstream import Downstream
@@ -112,6 +112,7 @@ class Server:
             self._http, self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
 
         # Ready only once a batch has run end to end (weights paged in, kernels chosen).
+        await loop.run_in_executor(self._executor, codec.preload)
         await loop.run_in_executor(self._executor, engine.warm_up)
         self.state.ready = True
         for name in ("", *SERVICES):

@@ -116,6 +116,7 @@ class ClassifierServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         await server.start()
+        await loop.run_in_executor(self._executor, codec.preload)
         await loop.run_in_executor(self._executor, servicer.predict, torch.zeros(1, *bundle.image_shape))
         servicer.ready = True
         for name in ("", "inference.GRPCInferenceService"):

@@ -114,6 +114,13 @@ def _quiet_torchvision():
         yield
 
 
+def preload() -> None:
+    """Import torchvision's codecs now: the import takes seconds (it loads every torchvision
+    model module) and would otherwise stall the event loop on the first PNG request."""
+    with _quiet_torchvision():
+        import torchvision.io  # noqa: F401
+
+
 def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int]) -> np.ndarray:
     """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count."""
     from torchvision.io import ImageReadMode, decode_image

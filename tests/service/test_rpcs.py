@@ -108,6 +108,19 @@ def test_v2_model_infer_typed_contents_and_requested_outputs(clients):
     assert len(r.raw_output_contents) == 1  # answers travel raw, as tritonclient reads them
 
 
+def test_v2_model_infer_png_bytes_and_3d_input(clients):
+    from purifier.server.codec import encode_pngs, join_bytes_elements
+
+    x8 = (images(2) * 255).round().astype(np.uint8)
+    req = v2_pb.ModelInferRequest(model_name="purifier")
+    req.inputs.add(name="images", datatype="BYTES", shape=[2])
+    req.raw_input_contents.append(join_bytes_elements(encode_pngs(x8)))
+    out = v2_outputs(clients.v2.ModelInfer(req, timeout=30))
+    assert out["purified"].shape == (2, 1, 8, 8) and out["purified"].dtype == np.float32
+    out3 = v2_outputs(clients.v2.ModelInfer(v2_request(images(2)[:, 0]), timeout=30))    # (B, H, W)
+    assert out3["purified"].shape == (2, 8, 8)
+
+
 def test_unknown_model_without_downstream_is_not_found(clients):
     for call, req in [(clients.v2.ModelInfer, v2_request(images(1), model="resnet")),
                       (clients.v2.ModelReady, v2_pb.ModelReadyRequest(name="resnet")),
