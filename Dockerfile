@@ -51,6 +51,9 @@ RUN pip install -e . && python -c "import purifier.cli"
 
 COPY models/ models/
 COPY scripts/healthcheck.py scripts/healthcheck.py
+# COPY keeps the build context's modes, and a checkpoint written with mode 0600 (as
+# safetensors files can be) would be unreadable by the non-root user below.
+RUN chmod -R a+rX /app
 
 # Non-root, with a numeric uid so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --system --uid 10001 --create-home --home-dir /home/purifier purifier

@@ -259,6 +259,12 @@ def test_dockerfile_entrypoint_user_and_default_command():
     served = parse(json.loads(ins["CMD"]), environ=env)
     assert served.host == "0.0.0.0"  # reachable from outside the container
     assert ins["USER"].split(":")[0] not in ("0", "root")
+    # everything copied is made readable before switching to that user (a 0600 checkpoint
+    # in the build context would otherwise be unreadable in the container)
+    words = [w for w, _ in dockerfile_instructions()]
+    last_copy, user = max(i for i, w in enumerate(words) if w == "COPY"), words.index("USER")
+    assert any(w == "RUN" and "chmod -R a+rX /app" in r
+               for w, r in dockerfile_instructions()[last_copy:user])
     # torch from the CPU (or CUDA) wheel index, at pyproject's pins
     runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
     assert "--index-url" in runs and "torch==${TORCH_VERSION}" in runs
