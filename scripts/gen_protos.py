@@ -55,7 +55,7 @@ def generate(out: Path) -> None:
             # `from inference import grpc_service_pb2 as x` -> `from . import grpc_service_pb2 as x`
             text = re.sub(rf"^from {re.escape(dotted)} import ", "from . import ", text, flags=re.M)
             text = text.replace("_descriptor_pool.Default().AddSerializedFile(",
-                                f"_POOL.AddSerializedFile(")
+                                "_POOL.AddSerializedFile(")
             text = text.replace("_sym_db = _symbol_database.Default()\n",
                                 f"_sym_db = _symbol_database.Default()\nfrom {up} import POOL as _POOL\n")
             f.write_text(text)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from ..errors import InvalidInputError
@@ -11,16 +9,11 @@ from ..proto.purifier.v1 import purifier_pb2 as pb
 from ..proto.purifier.v1 import purifier_pb2_grpc as pb_grpc
 from . import codec, logs, v2
 from .dataplane import DataPlane, Purified
-from .status import rpc
+from .status import deadline_of, rpc
 
 DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.UINT8: np.dtype("u1"), pb.INT64: np.dtype("<i8"),
           pb.INT32: np.dtype("<i4"), pb.FLOAT64: np.dtype("<f8"), pb.BOOL: np.dtype("?")}
 ENUMS = {v: k for k, v in DTYPES.items()}
-
-
-def deadline_of(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def tensor_to_array(t: pb.Tensor) -> np.ndarray:

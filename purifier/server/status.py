@@ -35,6 +35,12 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def deadline_of(context) -> float | None:
+    """The caller's deadline as a time.monotonic() instant (None: the caller set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _request_id(request, context) -> str:
     rid = getattr(request, "request_id", "") or getattr(request, "id", "")
     if not rid:

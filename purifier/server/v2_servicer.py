@@ -16,8 +16,7 @@ from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
 from . import codec, v2
 from .dataplane import PURIFIER_MODEL, DataPlane, annotate, options_from
-from .purifier_servicer import deadline_of
-from .status import rpc
+from .status import deadline_of, rpc
 
 OUTPUTS = ("purified", "reconstruction_error", "adversarial")
 

@@ -50,8 +50,8 @@ def test_batcher_merges_and_splits_answers():
 
     results = run_batcher(go, fake_compute(calls))
     assert [c[0] for c in calls] == [7]                       # one batch of 1+2+1+3 images
-    for x, (images, errors) in zip(xs, results):
-        np.testing.assert_allclose(images, x.numpy() * 0.5)  # each caller gets its own slice
+    for x, (out, errors) in zip(xs, results):
+        np.testing.assert_allclose(out, x.numpy() * 0.5)     # each caller gets its own slice
         assert errors.shape == (x.shape[0],)
 
 

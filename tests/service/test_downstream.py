@@ -4,7 +4,6 @@ propagation, retries, NOT_FOUND, and a downstream that goes down and comes back.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from concurrent import futures
 
