@@ -1,0 +1,168 @@
+"""Adversarial attacks in plain torch, for the evaluation (``purifier eval``).
+
+Images are float (B, C, H, W) in [0, 1]; labels are int64 (B,); ``model`` maps images to
+logits and is used as given (put it in eval mode first). Every attack returns detached
+adversarial images in [0, 1] and never changes the model's weights.
+
+- :func:`fgsm`: one signed-gradient step of size eps (Goodfellow et al. 2015).
+- :func:`pgd_linf`: projected gradient descent in the L-inf ball, uniform random start
+  (Madry et al. 2018).
+- :func:`cw_l2`: Carlini & Wagner's L2 attack (tanh variables, Adam, binary search on c).
+- :class:`BPDAPurifier` + :func:`bpda_eot_pgd`: the adaptive attack on the whole defense
+  (Athalye, Carlini & Wagner 2018): forward through the projection, backward as the identity
+  (BPDA), the gradient averaged over several independent projections (EOT).
+
+Why not IBM ART at run time: its estimators work on numpy batches on the host, its CW-L2
+is far slower than this one, and it has no BPDA through our projection. The tests check
+these implementations against ART's on the same model (``tests/eval/test_attacks.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .projection import ProjectionConfig, project
+
+
+def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1) -> torch.Tensor:
+    """Gradient of the summed cross-entropy with respect to x.
+
+    With ``eot_samples`` = k > 1 the batch is repeated k times in one forward pass, so a
+    randomised model (the purifier) sees k independent draws, and the gradient is the mean
+    of the k per-draw gradients (Expectation over Transformation).
+    """
+    x = x.detach().requires_grad_(True)
+    xr = x.repeat(eot_samples, 1, 1, 1) if eot_samples > 1 else x   # (k*B, C, H, W)
+    yr = y.repeat(eot_samples) if eot_samples > 1 else y            # (k*B,)
+    with torch.enable_grad():
+        # The loss in float64: a confident float32 softmax rounds p_y to exactly 1, and the
+        # gradient vanishes (gradient masking by overconfidence, not robustness).
+        loss = F.cross_entropy(model(xr).double(), yr, reduction="sum") / eot_samples
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad                                                     # (B, C, H, W)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fast gradient sign method: x + eps * sign(grad), clipped to [0, 1]."""
+    grad = loss_gradient(model, x, y)
+    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+             step_size: float | None = None, random_start: bool = True,
+             generator: torch.Generator | None = None, eot_samples: int = 1) -> torch.Tensor:
+    """PGD in the L-inf ball of radius eps around x (intersected with [0, 1]).
+
+    ``step_size`` defaults to 2.5 * eps / steps (Madry et al.'s rule: the walk can cross the
+    ball more than twice). The random start is uniform in the ball, drawn from ``generator``.
+    """
+    if step_size is None:
+        step_size = 2.5 * eps / max(steps, 1)
+    x = x.detach()
+    lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = torch.max(torch.min(x + (2 * noise - 1) * eps, hi), lo)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        grad = loss_gradient(model, x_adv, y, eot_samples)
+        x_adv = torch.max(torch.min(x_adv + step_size * grad.sign(), hi), lo)
+    return x_adv.detach()
+
+
+def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,
+          binary_search_steps: int = 5, initial_const: float = 0.1, lr: float = 0.01,
+          confidence: float = 0.0) -> torch.Tensor:
+    """Carlini & Wagner's untargeted L2 attack.
+
+    Minimises ||x' - x||^2 + c * max(Z_y - max_{j != y} Z_j + confidence, 0) over
+    x' = (tanh(w) + 1) / 2, with Adam, and binary-searches c per image (x10 while no success).
+    Returns the smallest-L2 adversarial example found per image, or x where none was found.
+    """
+    x = x.detach()
+    B = x.shape[0]
+    dev = x.device
+    w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))       # (B, C, H, W)
+    onehot = F.one_hot(y, num_classes=model(x[:1]).shape[1]).bool()  # (B, K)
+    const = torch.full((B,), initial_const, device=dev)
+    lower = torch.zeros(B, device=dev)
+    upper = torch.full((B,), float("inf"), device=dev)
+    best_l2 = torch.full((B,), float("inf"), device=dev)
+    best = x.clone()
+
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    for _ in range(binary_search_steps):
+        # Adam written out (as in projection.py): torch.optim's first use imports the compiler stack.
+        w = w0.clone()
+        m1, m2 = torch.zeros_like(w), torch.zeros_like(w)
+        succeeded = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(1, steps + 1):
+            w.requires_grad_(True)
+            with torch.enable_grad():
+                adv = (torch.tanh(w) + 1) / 2
+                logits = model(adv)                                              # (B, K)
+                l2 = (adv - x).pow(2).flatten(1).sum(1)                          # (B,)
+                real = logits[onehot]                                            # (B,)
+                other = logits.masked_fill(onehot, float("-inf")).amax(1)        # (B,)
+                loss = (l2 + const * (real - other + confidence).clamp(min=0)).sum()
+                (grad,) = torch.autograd.grad(loss, [w])
+            w = w.detach()
+            with torch.no_grad():
+                # Score the point the loss was computed at, before the step moves it.
+                is_adv = (other - real) > confidence
+                succeeded |= is_adv
+                better = is_adv & (l2 < best_l2)
+                best_l2 = torch.where(better, l2, best_l2)
+                best[better] = adv[better].detach()
+                m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+                m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                w = w - lr * (m1 / (1 - beta1 ** t)) / ((m2 / (1 - beta2 ** t)).sqrt() + adam_eps)
+        with torch.no_grad():
+            upper = torch.where(succeeded, torch.minimum(upper, const), upper)
+            lower = torch.where(succeeded, lower, torch.maximum(lower, const))
+            const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+    return best.clamp(0.0, 1.0).detach()
+
+
+class BPDAPurifier(nn.Module):
+    """The purifier as an attacker differentiates it: forward runs the projection,
+    backward is the identity (straight-through), so d purify(x) / dx = I.
+
+    Each call draws fresh restarts: from ``seed + call`` when a seed is given (reproducible
+    runs), else from the OS. An EOT batch (x repeated k times) thus gets k independent
+    projections, because each row of a batch has its own starting latents.
+    """
+
+    def __init__(self, generator: nn.Module, cfg: ProjectionConfig, encoder: nn.Module | None = None,
+                 seed: int | None = None):
+        super().__init__()
+        self.generator, self.encoder, self.cfg, self.seed = generator, encoder, cfg, seed
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = None if self.seed is None else self.seed + self.calls
+        self.calls += 1
+        purified = project(self.generator, x.detach(), self.cfg.with_(seed=seed), self.encoder).images
+        return x + (purified - x).detach()   # value: purified; gradient: identity
+
+
+def defended(classifier: nn.Module, purifier: nn.Module) -> nn.Module:
+    """classifier(purifier(x)) as one module, the thing the adaptive attack differentiates."""
+    return nn.Sequential(purifier, classifier)
+
+
+def bpda_eot_pgd(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: float, cfg: ProjectionConfig, encoder: nn.Module | None = None,
+                 steps: int = 40, eot_samples: int = 4, step_size: float | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+    """PGD-Linf on classifier(purify(x)) with BPDA gradients averaged over ``eot_samples``
+    independent projections per step. Costs steps * eot_samples projections per image."""
+    model = defended(classifier, BPDAPurifier(generator, cfg, encoder, seed))
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+    return pgd_linf(model, x, y, eps, steps=steps, step_size=step_size, random_start=True,
+                    generator=gen, eot_samples=eot_samples)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from .common import add_data, add_device, resolve_device
+
+HELP = ("pick the detection threshold for a target false-positive rate on clean validation images "
+        "and write it into the model card (the service's `adversarial` flag uses it)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model_dir", help="model directory whose card.json gets the threshold")
+    add_data(p, default=None)
+    add_device(p)
+    p.add_argument("--target-fpr", type=float, default=0.05, help="share of clean images flagged (default 0.05)")
+    p.add_argument("--n", type=int, default=1000, help="validation images")
+    p.add_argument("--holdout", type=int, default=5000,
+                   help="draw the images from the last HOLDOUT of the training split (the usual "
+                        "validation slice; the test split stays for `purifier eval`)")
+    p.add_argument("--projection", choices=["paper", "fast"], default="paper",
+                   help="projection preset; use the settings the service will run")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's L")
+    p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the section, leave the card as it is")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import json
+
+    from .. import checkpoint, data, detection
+    from ..errors import ConfigError
+    from ..evaluate import EvalConfig
+
+    if not 0 <= args.target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
+    if args.n < 1 or args.holdout < 1:
+        raise ConfigError("--n and --holdout must be >= 1")
+    device = resolve_device(args)
+    bundle = checkpoint.load_bundle(args.model_dir, device)
+    dataset = args.dataset or bundle.card.get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset")
+    cfg = EvalConfig(model_dir=args.model_dir, out_dir="", projection=args.projection, steps=args.steps,
+                     restarts=args.restarts).projection_config(bundle.encoder is not None)
+    train = data.load(dataset, "train", args.data_dir)
+    held = data.Split(train.images[-args.holdout:], train.labels[-args.holdout:], train.source)
+    val = data.subset(held, args.n, args.seed)
+    section = detection.calibrate(bundle.generator, val.images.to(device), cfg.with_(seed=args.seed),
+                                  args.target_fpr, bundle.encoder, args.batch_size, not args.no_progress)
+    section["data"] = {"dataset": dataset, "split": "train", "slice": f"last {args.holdout}",
+                       "seed": args.seed, "source": train.source}
+    print(json.dumps(section, indent=2))
+    if not args.dry_run:
+        checkpoint.update_card(args.model_dir, detection=section)
+        print(f"wrote the detection section into {args.model_dir}/card.json")
+    return 0

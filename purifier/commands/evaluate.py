@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from .common import add_data, add_device, resolve_device
+
+HELP = ("measure robustness: accuracy under defense-oblivious, transfer and adaptive (BPDA+EOT) "
+        "attacks, with and without purification, and detection ROC; writes results.json, "
+        "results.md and figures (resumable)")
+
+
+def _list(kind):
+    def parse(text: str):
+        return tuple(kind(v) for v in text.split(",") if v.strip()) if text else ()
+    return parse
+
+
+def add_arguments(p) -> None:
+    from ..evaluate import ATTACKS, EvalConfig as C
+
+    p.add_argument("model_dir", help="model directory (generator + classifier), e.g. models/mnist")
+    add_data(p, default=None)
+    add_device(p)
+    p.add_argument("--out", required=True, help="output directory: results, figures and the resume cache")
+    p.add_argument("--n", type=int, default=C.n, help="test images (seeded choice) per cell")
+    p.add_argument("--attacks", type=_list(str), default=C.attacks,
+                   help=f"comma-separated, from {','.join(ATTACKS)} (default: all)")
+    p.add_argument("--eps", type=_list(float), default=C.eps, help="L-inf budgets on [0, 1], comma-separated")
+    p.add_argument("--projection", choices=["paper", "fast"], default=C.projection,
+                   help="projection preset (paper: L=200 R=10 SGD; fast: see README, 'Speed')")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's L")
+    p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
+    p.add_argument("--pgd-steps", type=int, default=C.pgd_steps)
+    p.add_argument("--cw-steps", type=int, default=C.cw_steps, help="CW-L2 Adam steps per binary-search step")
+    p.add_argument("--cw-search-steps", type=int, default=C.cw_search_steps)
+    p.add_argument("--transfer-method", choices=["fgsm", "pgd"], default=C.transfer_method)
+    p.add_argument("--substitute", default=None,
+                   help="substitute classifier for the transfer attack (default <model_dir>/substitute.safetensors)")
+    p.add_argument("--n-adaptive", type=int, default=C.n_adaptive, help="images for BPDA+EOT (first of the n)")
+    p.add_argument("--adaptive-steps", type=int, default=C.adaptive_steps, help="BPDA+EOT PGD steps")
+    p.add_argument("--eot-samples", type=int, default=C.eot_samples,
+                   help="independent projections averaged per BPDA gradient")
+    p.add_argument("--sweep-l", type=_list(int), default=(), help="L values for accuracy vs L, e.g. 10,25,50,100,200")
+    p.add_argument("--sweep-r", type=_list(int), default=(), help="R values for accuracy vs R, e.g. 1,2,5,10")
+    p.add_argument("--sweep-n", type=int, default=C.sweep_n, help="images per sweep point")
+    p.add_argument("--sweep-attack", choices=["fgsm", "pgd"], default=C.sweep_attack)
+    p.add_argument("--sweep-eps", type=float, default=C.sweep_eps)
+    p.add_argument("--batch-size", type=int, default=C.batch_size, help="images per projection call / cached chunk")
+    p.add_argument("--adaptive-batch", type=int, default=C.adaptive_batch, help="images per cached BPDA chunk")
+    p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, reusing cached cells")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from ..evaluate import EvalConfig, run_evaluation
+
+    cfg = EvalConfig(
+        model_dir=args.model_dir, out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, n=args.n,
+        attacks=args.attacks, eps=args.eps, projection=args.projection, steps=args.steps,
+        restarts=args.restarts, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
+        cw_search_steps=args.cw_search_steps, transfer_method=args.transfer_method,
+        substitute=args.substitute, n_adaptive=args.n_adaptive, adaptive_steps=args.adaptive_steps,
+        eot_samples=args.eot_samples, sweep_l=args.sweep_l, sweep_r=args.sweep_r, sweep_n=args.sweep_n,
+        sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, batch_size=args.batch_size,
+        adaptive_batch=args.adaptive_batch, seed=args.seed, device=resolve_device(args))
+    results = run_evaluation(cfg, resume=args.resume, progress=not args.no_progress)
+    print((__import__("pathlib").Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md and {len(results['figures'])} figures")
+    return 0

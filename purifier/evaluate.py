@@ -1,0 +1,495 @@
+"""The robustness evaluation behind ``purifier eval``.
+
+One run takes a seeded choice of ``n`` test images and measures, per *cell*:
+
+- ``oblivious`` (the paper's threat model): FGSM, PGD-Linf and CW-L2 computed on the
+  classifier alone, then purified;
+- ``transfer`` (black box): FGSM or PGD computed on a separately trained substitute
+  classifier, sent through the purifier to the target classifier;
+- ``adaptive``: BPDA+EOT PGD on classifier(purify(x)), on the first ``n_adaptive`` images.
+
+Each cell gives accuracy without and with the defense (95% Wilson intervals), and the
+detection ROC of reconstruction errors against the clean images. Optional sweeps purify
+the clean and one adversarial set at several L (steps) and R (restarts).
+
+Everything expensive is computed in chunks, each saved under ``<out>/cache/<cell>/`` as it
+finishes, so an interrupted run continues with ``resume=True`` and a rerun that only adds
+attacks or sweep points costs only the new cells. ``<out>/cache/run.json`` fingerprints what
+the cached numbers depend on (models, data, seed, chunking); resuming with another
+fingerprint is refused instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import attacks, checkpoint, data, detection
+from .errors import ConfigError
+from .projection import FAST, PAPER, ProjectionConfig, project
+
+ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda")
+PROJECTIONS = {"paper": PAPER, "fast": FAST}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model_dir: str
+    out_dir: str
+    dataset: str | None = None          # default: the model card's dataset
+    data_dir: str | None = None
+    n: int = 1000                       # test images for clean, oblivious and transfer cells
+    attacks: tuple[str, ...] = ATTACKS
+    eps: tuple[float, ...] = (0.1, 0.2, 0.3)
+    projection: str = "paper"           # preset; steps/restarts override its L and R
+    steps: int | None = None
+    restarts: int | None = None
+    pgd_steps: int = 40
+    cw_steps: int = 100
+    cw_search_steps: int = 5
+    transfer_method: str = "fgsm"       # how adversarial examples are made on the substitute
+    substitute: str | None = None       # default: <model_dir>/substitute.safetensors
+    n_adaptive: int = 100               # images for BPDA+EOT (each step runs the projection)
+    adaptive_steps: int = 40
+    eot_samples: int = 4
+    sweep_l: tuple[int, ...] = ()
+    sweep_r: tuple[int, ...] = ()
+    sweep_n: int = 200
+    sweep_attack: str = "fgsm"
+    sweep_eps: float = 0.3
+    batch_size: int = 250               # images per project() call and per cached chunk
+    adaptive_batch: int = 20            # images per cached BPDA chunk (minutes each on a CPU)
+    seed: int = 0
+    device: str = "cpu"
+    n_show: int = 8                     # images per figure grid
+
+    def __post_init__(self):
+        problems = []
+        bad = sorted(set(self.attacks) - set(ATTACKS))
+        if bad:
+            problems.append(f"unknown attacks {bad}; choose from {','.join(ATTACKS)}")
+        if self.projection not in PROJECTIONS:
+            problems.append(f"projection must be one of {sorted(PROJECTIONS)}, got {self.projection!r}")
+        if self.n < 1 or self.n_adaptive < 0 or self.sweep_n < 1:
+            problems.append("n and sweep_n must be >= 1, n_adaptive >= 0")
+        if any(not 0 < e <= 1 for e in self.eps):
+            problems.append(f"every eps must be in (0, 1] (images are in [0, 1]), got {list(self.eps)}")
+        if not self.eps and set(self.attacks) & {"fgsm", "pgd", "transfer", "bpda"}:
+            problems.append("give at least one eps for fgsm/pgd/transfer/bpda")
+        if self.transfer_method not in ("fgsm", "pgd"):
+            problems.append(f"transfer_method must be fgsm or pgd, got {self.transfer_method!r}")
+        if self.sweep_attack not in ("fgsm", "pgd"):
+            problems.append(f"sweep_attack must be fgsm or pgd, got {self.sweep_attack!r}")
+        if min(self.pgd_steps, self.cw_steps, self.cw_search_steps, self.adaptive_steps,
+               self.eot_samples, self.batch_size, self.adaptive_batch) < 1:
+            problems.append("step counts, eot_samples and batch sizes must be >= 1")
+        if any(v < 0 for v in self.sweep_l) or any(v < 1 for v in self.sweep_r):
+            problems.append("sweep L values must be >= 0 and R values >= 1")
+        if problems:
+            raise ConfigError("bad evaluation settings: " + "; ".join(problems))
+
+    def projection_config(self, has_encoder: bool) -> ProjectionConfig:
+        cfg = PROJECTIONS[self.projection]
+        if self.steps is not None:
+            cfg = cfg.with_(steps=self.steps)
+        if self.restarts is not None:
+            cfg = cfg.with_(restarts=self.restarts, keep=min(cfg.keep, self.restarts),
+                            encoder_starts=min(cfg.encoder_starts, self.restarts))
+        if cfg.encoder_starts and not has_encoder:
+            cfg = cfg.with_(encoder_starts=0)  # no encoder in the model dir: random starts only
+        return cfg
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (sound near 0 and 1, unlike k/n +- ...)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, centre - half)   # exact ends: rounding leaves 1e-17
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def accuracy(correct: torch.Tensor) -> dict:
+    k, n = int(correct.sum()), int(correct.numel())
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n if n else float("nan"), "ci95": [lo, hi], "correct": k, "n": n}
+
+
+# --- the chunk cache ----------------------------------------------------------------------
+
+def _derive_seed(base: int, *parts) -> int:
+    return (base * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2 ** 31)
+
+
+class ChunkCache:
+    """Results of expensive loops, one file per chunk of images, written atomically."""
+
+    def __init__(self, root: Path, progress: bool = True):
+        self.root, self.progress = root, progress
+
+    def run(self, name: str, n: int, chunk: int, fn, desc: str | None = None) -> dict[str, torch.Tensor]:
+        """Call ``fn(start, end) -> {key: tensor with first dim end - start}`` for each chunk
+        not cached yet; return the chunks concatenated, plus ``seconds`` of compute."""
+        from tqdm.auto import tqdm
+
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        parts, seconds = [], 0.0
+        with tqdm(total=n, desc=desc or name, unit="img", disable=not self.progress, leave=False) as bar:
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                path = folder / f"{start:06d}-{end:06d}.pt"
+                if path.is_file():
+                    part = torch.load(path, weights_only=True)
+                else:
+                    t0 = time.perf_counter()
+                    part = {k: v.detach().cpu() for k, v in fn(start, end).items()}
+                    part["seconds"] = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                    tmp = path.with_suffix(".tmp")
+                    torch.save(part, tmp)
+                    os.replace(tmp, path)
+                seconds += float(part.pop("seconds").sum())
+                parts.append(part)
+                bar.update(end - start)
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out["seconds"] = seconds
+        return out
+
+
+# --- the run ------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One row of the results table: a threat model, an attack and its strength."""
+
+    threat: str            # clean | oblivious | transfer | adaptive
+    attack: str            # none | fgsm | pgd | cw | bpda
+    eps: float | None
+    name: str              # cache key, e.g. "oblivious-fgsm-eps0.3"
+    n: int
+    extra: dict = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _proj_tag(cfg: ProjectionConfig) -> str:
+    tag = f"L{cfg.steps}-R{cfg.restarts}-{cfg.optimizer}-lr{cfg.lr:g}"
+    if cfg.prune_after:
+        tag += f"-prune{cfg.prune_after}k{cfg.keep}"
+    if cfg.encoder_starts:
+        tag += f"-enc{cfg.encoder_starts}"
+    if cfg.early_stop_tol:
+        tag += f"-tol{cfg.early_stop_tol:g}"
+    return tag
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class Evaluation:
+    """Holds the models and data of one run; :meth:`run` returns the results dict."""
+
+    def __init__(self, cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = torch.device(cfg.device)
+        self.out = Path(cfg.out_dir)
+        self.bundle = checkpoint.load_bundle(cfg.model_dir, self.device, need_classifier=True)
+        self.dataset = cfg.dataset or self.bundle.card.get("dataset")
+        if self.dataset is None:
+            raise ConfigError(f"{cfg.model_dir}/card.json names no dataset: pass --dataset")
+        self.pcfg = cfg.projection_config(self.bundle.encoder is not None)
+        self.substitute = None
+        self.substitute_path = None
+        if "transfer" in cfg.attacks:
+            path = Path(cfg.substitute or Path(cfg.model_dir) / "substitute.safetensors")
+            if not path.is_file():
+                raise ConfigError(
+                    f"transfer attack needs a substitute classifier; {path} does not exist. Train one "
+                    f"with `purifier train-classifier --dataset {self.dataset} --arch B --out "
+                    f"{cfg.model_dir} --name substitute`, pass --substitute PATH, or drop 'transfer'")
+            self.substitute_path = path
+            self.substitute = checkpoint.load_module(path, "classifier", self.device)
+            for p in self.substitute.parameters():
+                p.requires_grad_(False)
+
+        test = data.load(self.dataset, "test", cfg.data_dir)
+        if tuple(test.images.shape[1:]) != tuple(self.bundle.image_shape):
+            raise ConfigError(f"{self.dataset} images are {tuple(test.images.shape[1:])}, the model "
+                              f"expects {tuple(self.bundle.image_shape)}")
+        chosen = data.subset(test, cfg.n, cfg.seed)   # seeded; every smaller count is a prefix
+        self.x, self.y = chosen.images, chosen.labels  # (n, C, H, W) on the host, (n,)
+        self.n = len(self.y)
+        self.data_source = test.source
+
+        self.fingerprint = self._fingerprint()
+        self.cache = ChunkCache(self.out / "cache", progress)
+        self._check_cache(resume)
+
+    # -- bookkeeping
+
+    def _fingerprint(self) -> dict:
+        md = Path(self.cfg.model_dir)
+        files = {p.name: _sha256(p) for p in sorted(md.glob("*.safetensors")) + sorted(md.glob("*.pt2"))}
+        if self.substitute_path is not None:
+            files["substitute"] = _sha256(self.substitute_path)
+        c = self.cfg
+        return {"models": files, "dataset": self.dataset, "n": self.n, "seed": c.seed,
+                "batch_size": c.batch_size, "adaptive_batch": c.adaptive_batch,
+                "test_images_sha256": hashlib.sha256(self.x.numpy().tobytes()
+                                                     + self.y.numpy().tobytes()).hexdigest()}
+
+    def _check_cache(self, resume: bool) -> None:
+        path = self.out / "cache" / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if not resume:
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it "
+                                  f"(cached cells are reused) or choose another --out")
+            if old != self.fingerprint:
+                changed = sorted(k for k in set(old) | set(self.fingerprint)
+                                 if old.get(k) != self.fingerprint.get(k))
+                raise ConfigError(f"cannot resume {self.out}: its cached results were computed with "
+                                  f"different {', '.join(changed)}; choose another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+
+    # -- building blocks
+
+    def _predict(self, model, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x.to(self.device)).argmax(1).cpu()
+
+    def _adversarial(self, name: str, n: int, chunk: int, make) -> dict:
+        """Adversarial images for the first n test images: {"x", "pred"} (pred: target, no defense)."""
+        def fn(s, e):
+            x, y = self.x[s:e].to(self.device), self.y[s:e].to(self.device)
+            adv = make(x, y, s)
+            return {"x": adv, "pred": self._predict(self.bundle.classifier, adv)}
+        return self.cache.run("adv/" + name, n, chunk, fn, desc=f"attack {name}")
+
+    def _purified(self, set_name: str, x: torch.Tensor, cfg: ProjectionConfig) -> dict:
+        """Purify x in chunks: {"pred", "error", "image" (uint8)}, seeded per set and chunk."""
+        tag = _proj_tag(cfg)
+
+        def fn(s, e):
+            seed = _derive_seed(self.cfg.seed, "purify", set_name, tag, s)
+            proj = project(self.bundle.generator, x[s:e].to(self.device), cfg.with_(seed=seed),
+                           self.bundle.encoder)
+            return {"pred": self._predict(self.bundle.classifier, proj.images), "error": proj.errors,
+                    "image": _to_uint8(proj.images)}
+        return self.cache.run(f"purified/{set_name}/{tag}", len(x), self.cfg.batch_size, fn,
+                              desc=f"purify {set_name} {tag}")
+
+    def _attack_fn(self, attack: str, eps: float | None, model):
+        c = self.cfg
+        if attack == "fgsm":
+            return lambda x, y, s: attacks.fgsm(model, x, y, eps)
+        if attack == "pgd":
+            def pgd(x, y, s):
+                gen = torch.Generator(device=self.device).manual_seed(
+                    _derive_seed(c.seed, "pgd", eps, s))
+                return attacks.pgd_linf(model, x, y, eps, steps=c.pgd_steps, generator=gen)
+            return pgd
+        if attack == "cw":
+            return lambda x, y, s: attacks.cw_l2(model, x, y, steps=c.cw_steps,
+                                                 binary_search_steps=c.cw_search_steps)
+        raise ValueError(attack)
+
+    # -- the run
+
+    def cells(self) -> list[Cell]:
+        c = self.cfg
+        out = []
+        for attack in ("fgsm", "pgd"):
+            if attack in c.attacks:
+                out += [Cell("oblivious", attack, e, f"oblivious-{attack}-eps{e:g}-s{c.pgd_steps if attack == 'pgd' else 1}", self.n)
+                        for e in c.eps]
+        if "cw" in c.attacks:
+            out.append(Cell("oblivious", "cw", None, f"oblivious-cw-s{c.cw_steps}x{c.cw_search_steps}", self.n))
+        if "transfer" in c.attacks:
+            m = c.transfer_method
+            out += [Cell("transfer", m, e, f"transfer-{m}-eps{e:g}-s{c.pgd_steps if m == 'pgd' else 1}", self.n)
+                    for e in c.eps]
+        if "bpda" in c.attacks and c.n_adaptive:
+            na = min(c.n_adaptive, self.n)
+            out += [Cell("adaptive", "bpda", e, f"adaptive-bpda-eps{e:g}-s{c.adaptive_steps}-eot{c.eot_samples}-"
+                         f"{_proj_tag(self.pcfg)}", na) for e in c.eps]
+        return out
+
+    def _make_adversarial(self, cell: Cell) -> dict:
+        c = self.cfg
+        if cell.threat == "oblivious":
+            return self._adversarial(cell.name, cell.n, c.batch_size,
+                                     self._attack_fn(cell.attack, cell.eps, self.bundle.classifier))
+        if cell.threat == "transfer":
+            make = self._attack_fn(cell.attack, cell.eps, self.substitute)
+            adv = self._adversarial(cell.name, cell.n, c.batch_size, make)
+            adv["pred_substitute"] = self._predict(self.substitute, adv["x"])
+            return adv
+
+        def bpda(x, y, s):
+            return attacks.bpda_eot_pgd(self.bundle.classifier, self.bundle.generator, x, y, cell.eps,
+                                        self.pcfg, self.bundle.encoder, steps=c.adaptive_steps,
+                                        eot_samples=c.eot_samples,
+                                        seed=_derive_seed(c.seed, "bpda", cell.eps, s))
+        return self._adversarial(cell.name, cell.n, c.adaptive_batch, bpda)
+
+    def run(self) -> tuple[dict, dict]:
+        """Compute every cell (reusing cached chunks); return (results, artifacts), where
+        artifacts hold the images and score arrays the figures need."""
+        c = self.cfg
+        t_start = time.time()
+        y = self.y
+        clf = self.bundle.classifier
+        k = min(c.n_show, self.n)
+
+        self.log(f"clean: {self.n} {self.dataset} test images, projection {_proj_tag(self.pcfg)}")
+        clean_pred = torch.cat([self._predict(clf, self.x[s:s + c.batch_size])
+                                for s in range(0, self.n, c.batch_size)])
+        clean_pur = self._purified("clean", self.x, self.pcfg)
+        clean_errors = clean_pur["error"].numpy()
+        results = {
+            "clean": {"threat": "clean", "attack": "none", "eps": None, "n": self.n,
+                      "undefended": accuracy(clean_pred == y),
+                      "purified": accuracy(clean_pur["pred"] == y),
+                      "reconstruction_error": _summary(clean_errors),
+                      "seconds": {"purify": clean_pur["seconds"]}},
+            "cells": [],
+        }
+        threshold = self.bundle.threshold
+        if threshold is not None:
+            results["clean"]["detection_at_card_threshold"] = {
+                "threshold": threshold, **detection.rates_at(threshold, clean_errors)}
+        artifacts = {"grids": {"clean": (self.x[:k], _from_uint8(clean_pur["image"][:k]))}, "roc": {}}
+
+        pgd_purified_correct = {}
+        for cell in self.cells():
+            self.log(f"{cell.threat} {cell.attack} eps={cell.eps} on {cell.n} images")
+            adv = self._make_adversarial(cell)
+            pur = self._purified(cell.name, adv["x"], self.pcfg)
+            yc = y[: cell.n]
+            delta = (adv["x"] - self.x[: cell.n]).flatten(1)
+            row = {"threat": cell.threat, "attack": cell.attack, "eps": cell.eps, "n": cell.n,
+                   "undefended": accuracy(adv["pred"] == yc),
+                   "purified": accuracy(pur["pred"] == yc),
+                   "perturbation": {"linf_mean": float(delta.abs().amax(1).mean()),
+                                    "l2_mean": float(delta.norm(dim=1).mean())},
+                   "reconstruction_error": _summary(pur["error"].numpy()),
+                   "seconds": {"attack": adv["seconds"], "purify": pur["seconds"]}}
+            fpr, tpr, _ = detection.roc_curve(clean_errors, pur["error"].numpy())
+            row["detection"] = {"auc": detection.auc(fpr, tpr),
+                                "negatives": "clean test images (purified, same settings)",
+                                "n_negatives": len(clean_errors), "n_positives": cell.n}
+            if threshold is not None:
+                row["detection"]["at_card_threshold"] = {
+                    "threshold": threshold, **detection.rates_at(threshold, clean_errors, pur["error"].numpy())}
+            if cell.threat == "transfer":
+                row["substitute_accuracy"] = accuracy(adv["pred_substitute"] == yc)
+                row["transfer_method"] = c.transfer_method
+            if cell.threat == "oblivious" and cell.attack == "pgd":
+                pgd_purified_correct[cell.eps] = pur["pred"] == yc
+            if cell.threat == "adaptive":
+                row["settings"] = {"pgd_steps": c.adaptive_steps, "eot_samples": c.eot_samples,
+                                   "projection_in_attack": asdict(self.pcfg) | {"seed": "fresh per step"}}
+                if cell.eps in pgd_purified_correct:  # same images under the oblivious attack
+                    row["oblivious_pgd_same_images"] = accuracy(pgd_purified_correct[cell.eps][: cell.n])
+            row["roc"] = {"fpr": _round(fpr), "tpr": _round(tpr)}
+            results["cells"].append(row)
+            label = _label(row)
+            artifacts["roc"][label] = (fpr, tpr, row["detection"]["auc"])
+            artifacts["grids"][label] = (self.x[:k], adv["x"][:k], _from_uint8(pur["image"][:k]))
+
+        results["sweeps"] = self._sweeps()
+        results["settings"] = self.settings()
+        results["fingerprint"] = self.fingerprint
+        results["wall_seconds_this_run"] = time.time() - t_start
+        return results, artifacts
+
+    def _sweeps(self) -> dict:
+        c = self.cfg
+        if not c.sweep_l and not c.sweep_r:
+            return {}
+        m = min(c.sweep_n, self.n)
+        attack = c.sweep_attack
+        name = f"oblivious-{attack}-eps{c.sweep_eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
+        # The adversarial set of the main run when it has it (a prefix of its images).
+        adv = self._adversarial(name, self.n if (attack in c.attacks and c.sweep_eps in c.eps) else m,
+                                c.batch_size, self._attack_fn(attack, c.sweep_eps, self.bundle.classifier))
+        sets = {"clean": self.x[:m], f"{attack}-eps{c.sweep_eps:g}": adv["x"][:m]}
+        y = self.y[:m]
+        out = {"n": m, "attack": attack, "eps": c.sweep_eps, "L": [], "R": []}
+        for axis, values in (("L", c.sweep_l), ("R", c.sweep_r)):
+            for v in values:
+                pc = (self.pcfg.with_(steps=v) if axis == "L" else
+                      self.pcfg.with_(restarts=v, keep=min(self.pcfg.keep, v),
+                                      encoder_starts=min(self.pcfg.encoder_starts, v)))
+                self.log(f"sweep {axis}={v} on {m} images")
+                point = {"value": v, "projection": asdict(pc)}
+                for set_name, x in sets.items():
+                    pur = self._purified(f"sweep{m}-{set_name}", x, pc)
+                    point[set_name] = accuracy(pur["pred"] == y)
+                    point[set_name]["seconds"] = pur["seconds"]
+                out[axis].append(point)
+        return out
+
+    def settings(self) -> dict:
+        return {"eval": asdict(self.cfg), "projection": asdict(self.pcfg), "dataset": self.dataset,
+                "data_source": self.data_source, "split": "test",
+                "model_card_dataset": self.bundle.card.get("dataset"),
+                "substitute": str(self.substitute_path) if self.substitute_path else None,
+                "substitute_arch": (self.substitute.config if self.substitute is not None else None),
+                "classifier_arch": self.bundle.classifier.config,
+                "generator_arch": self.bundle.generator.config,
+                "encoder": self.bundle.encoder is not None}
+
+
+def _summary(a: np.ndarray) -> dict:
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p95": float(np.quantile(a, 0.95))}
+
+
+def _round(a: np.ndarray) -> list[float]:
+    return [round(float(v), 5) for v in a]
+
+
+def _from_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0
+
+
+def _label(row: dict) -> str:
+    name = {"oblivious": "", "transfer": "transfer ", "adaptive": "adaptive "}[row["threat"]]
+    name += {"bpda": "BPDA+EOT PGD"}.get(row["attack"], row["attack"].upper())
+    return name + (f" eps={row['eps']:g}" if row["eps"] is not None else "")
+
+
+def run_evaluation(cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Run the evaluation and write results.json, results.md and figures/ into cfg.out_dir."""
+    from . import report
+
+    ev = Evaluation(cfg, resume=resume, progress=progress, log=log)
+    results, artifacts = ev.run()
+    results["environment"] = report.environment(cfg.device)
+    results["seed"] = cfg.seed
+    report.write_report(results, artifacts, Path(cfg.out_dir))
+    return results

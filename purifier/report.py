@@ -1,0 +1,256 @@
+"""Writing an evaluation's results: ``results.json`` (every number, the settings, versions,
+seed and hardware), ``results.md`` (the table), and PNG figures under ``figures/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def environment(device: str = "cpu") -> dict:
+    import torch
+
+    from . import __version__
+
+    versions = {"purifier": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__}
+    try:
+        import matplotlib
+        versions["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    hw = {"platform": platform.platform(), "machine": platform.machine(),
+          "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+          "device": str(device)}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return {"versions": versions, "hardware": hw}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- the table ------------------------------------------------------------------------------
+
+def _acc(a: dict | None) -> str:
+    if not a:
+        return "-"
+    lo, hi = a["ci95"]
+    return f"{a['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+THREAT_TITLES = {"clean": "none (clean)", "oblivious": "white-box, defense-oblivious",
+                 "transfer": "black-box transfer", "adaptive": "adaptive (BPDA+EOT)"}
+
+
+def markdown_table(results: dict) -> str:
+    s = results["settings"]
+    p = s["projection"]
+    lines = [
+        f"Dataset: {s['dataset']} (test split), seed {results.get('seed', s['eval']['seed'])}; "
+        f"projection L={p['steps']}, R={p['restarts']}, optimizer {p['optimizer']}. "
+        "Accuracy with its 95% Wilson interval; AUC: reconstruction-error detection, clean vs attack.",
+        "",
+        "| threat model | attack | eps | n | no defense | purified | detection AUC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [results["clean"]] + results["cells"]
+    for r in rows:
+        eps = "-" if r["eps"] is None else f"{r['eps']:g}"
+        auc = f"{r['detection']['auc']:.3f}" if "detection" in r else "-"
+        attack = {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2"}.get(
+            r["attack"], r["attack"].upper())
+        lines.append(f"| {THREAT_TITLES[r['threat']]} | {attack} | {eps} | {r['n']} | "
+                     f"{_acc(r['undefended'])} | {_acc(r['purified'])} | {auc} |")
+    adaptive = [r for r in results["cells"] if r["threat"] == "adaptive"]
+    if adaptive:
+        a = adaptive[0]["settings"]
+        lines += ["", f"Adaptive: {a['pgd_steps']} PGD steps, gradient averaged over {a['eot_samples']} "
+                      "independent projections per step (EOT), identity backward through the projection "
+                      "(BPDA); evaluated with a fresh projection."]
+        same = [r for r in adaptive if "oblivious_pgd_same_images" in r]
+        if same:
+            lines += ["", "| eps | oblivious PGD, same images | adaptive BPDA+EOT |", "|---|---|---|"]
+            lines += [f"| {r['eps']:g} | {_acc(r['oblivious_pgd_same_images'])} | {_acc(r['purified'])} |"
+                      for r in same]
+    sw = results.get("sweeps") or {}
+    for axis, what in (("L", "steps L"), ("R", "restarts R")):
+        if sw.get(axis):
+            adv_key = next(k for k in sw[axis][0] if k not in ("value", "projection", "clean"))
+            lines += ["", f"Accuracy vs {what} ({sw['n']} images):", "",
+                      f"| {axis} | clean, purified | {adv_key}, purified |", "|---|---|---|"]
+            lines += [f"| {pt['value']} | {_acc(pt['clean'])} | {_acc(pt[adv_key])} |" for pt in sw[axis]]
+    return "\n".join(lines) + "\n"
+
+
+# --- figures --------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in label.lower()).strip("-")
+
+
+def grid_figure(rows: list[tuple[str, "np.ndarray"]], path: Path, title: str) -> None:
+    """One row per (name, images (k, C, H, W) in [0, 1]), drawn as one montage image
+    (one axes, not k * rows: matplotlib spends seconds per axes on a busy CPU)."""
+    plt = _plt()
+    k = max(len(imgs) for _, imgs in rows)
+    c, h, w = np.asarray(rows[0][1]).shape[1:]
+    pad = 2
+    canvas = np.ones(((h + pad) * len(rows) - pad, (w + pad) * k - pad, c), dtype=np.float32)
+    for i, (_, imgs) in enumerate(rows):
+        for j, img in enumerate(np.asarray(imgs)):
+            canvas[i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = img.transpose(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(0.9 * k + 1.3, 0.9 * len(rows) + 0.5))
+    ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([i * (h + pad) + h / 2 for i in range(len(rows))], [name for name, _ in rows], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_vs_eps(results: dict, path: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for threat, attack, style in (("oblivious", "fgsm", "o"), ("oblivious", "pgd", "s"),
+                                  ("transfer", None, "^"), ("adaptive", "bpda", "D")):
+        rows = sorted((r for r in results["cells"] if r["threat"] == threat and r["eps"] is not None
+                       and (attack is None or r["attack"] == attack)), key=lambda r: r["eps"])
+        if not rows:
+            continue
+        name = {"transfer": "transfer", "adaptive": "BPDA+EOT"}.get(threat) or attack.upper()
+        eps = [r["eps"] for r in rows]
+        series = [("purified", "-", "purified")]
+        if threat != "adaptive":
+            series.append(("undefended", "--", "no defense"))
+        for key, line, desc in series:
+            acc = np.array([r[key]["accuracy"] for r in rows])
+            lo = acc - np.array([r[key]["ci95"][0] for r in rows])
+            hi = np.array([r[key]["ci95"][1] for r in rows]) - acc
+            ax.errorbar(eps, acc, yerr=[lo, hi], fmt=style + line, capsize=3, label=f"{name}, {desc}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    clean = results["clean"]["purified"]["accuracy"]
+    ax.axhline(clean, color="gray", lw=0.8, ls=":", label="clean, purified")
+    ax.set_xlabel("eps (L-inf, images in [0, 1])")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{results['settings']['dataset']}: accuracy vs eps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def accuracy_vs_sweep(sweep: dict, axis: str, path: Path) -> bool:
+    points = sweep.get(axis) or []
+    if not points:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    values = [p["value"] for p in points]
+    for key in [k for k in points[0] if k not in ("value", "projection")]:
+        acc = np.array([p[key]["accuracy"] for p in points])
+        lo = acc - np.array([p[key]["ci95"][0] for p in points])
+        hi = np.array([p[key]["ci95"][1] for p in points]) - acc
+        ax.errorbar(values, acc, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{key}, purified")
+    ax.set_xlabel({"L": "projection steps L", "R": "random restarts R"}[axis])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"accuracy vs {axis} ({sweep['n']} images)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def roc_figure(curves: dict, path: Path, title: str) -> bool:
+    """curves: label -> (fpr, tpr, auc)."""
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.2, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("false-positive rate (clean flagged)")
+    ax.set_ylabel("true-positive rate (adversarial flagged)")
+    ax.set_title(title)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict, artifacts: dict, out_dir: Path) -> dict:
+    """Write figures, results.md and results.json; return {kind: path} of what was written."""
+    out_dir = Path(out_dir)
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    written = {}
+
+    grids = artifacts.get("grids", {})
+    if "clean" in grids:
+        x, purified = grids["clean"]
+        p = figs / "grid-clean.png"
+        grid_figure([("clean", x.numpy()), ("purified", purified.numpy())], p, "clean test images")
+        written["grid-clean"] = p
+    for label, triple in grids.items():
+        if label == "clean":
+            continue
+        x, adv, purified = (t.numpy() for t in triple)
+        p = figs / f"grid-{_slug(label)}.png"
+        grid_figure([("clean", x), ("adversarial", adv), ("purified", purified)], p, label)
+        written[f"grid-{_slug(label)}"] = p
+    if accuracy_vs_eps(results, figs / "accuracy-vs-eps.png"):
+        written["accuracy-vs-eps"] = figs / "accuracy-vs-eps.png"
+    for axis in ("L", "R"):
+        p = figs / f"accuracy-vs-{axis}.png"
+        if accuracy_vs_sweep(results.get("sweeps") or {}, axis, p):
+            written[f"accuracy-vs-{axis}"] = p
+    if roc_figure(artifacts.get("roc", {}), figs / "roc.png",
+                  f"{results['settings']['dataset']}: detection by reconstruction error"):
+        written["roc"] = figs / "roc.png"
+
+    results["figures"] = {k: str(v.relative_to(out_dir)) for k, v in written.items()}
+    (out_dir / "results.md").write_text(markdown_table(results))
+    written["table"] = out_dir / "results.md"
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, out_dir / "results.json")
+    written["results"] = out_dir / "results.json"
+    return written
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (Path, tuple)):
+        return str(o) if isinstance(o, Path) else list(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
