@@ -170,3 +170,19 @@ def test_metrics_count_requests_images_and_errors(server, clients):
     for name in ("purifier_queue_seconds_count", "purifier_projection_seconds_count", "purifier_batch_size_count"):
         assert metric(text, name) >= 1, name
     assert "purifier_queue_depth" in text and "purifier_downstream_seconds" in text
+
+
+def test_without_a_calibrated_threshold_nothing_is_flagged_and_the_answer_says_so(aloop, tmp_path):
+    from .conftest import Clients, make_model_dir, running, settings_for
+
+    with running(aloop, settings_for(make_model_dir(tmp_path, threshold=None))) as server:
+        clients = Clients(server.port)
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        x[0] = (np.indices((8, 8)).sum(0) % 2)[None]                  # far off the generator's range
+        p = clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(x)), timeout=30).purification
+        assert p.reconstruction_error[0] > 0.05
+        assert not p.threshold_calibrated and list(p.adversarial) == [False]
+        r = clients.v2.ModelInfer(v2_request(x), timeout=30)
+        assert not r.parameters["purifier_threshold_calibrated"].bool_param
+        assert "purifier_threshold" not in r.parameters
+        clients.close()
