@@ -9,6 +9,9 @@
    ratio to (1).
 3. Overhead at L=1 (R=1): p50 latency of single-image requests through the service minus
    the p50 of the same projection in-process: decode, queue, batching, encode and gRPC.
+   Measured twice: with the model of (1)-(2), and with a narrow generator (dim 4) of the same
+   latent size and image shape, whose ~1 ms projection keeps compute jitter on a busy
+   machine from drowning the overhead (the request and answer bytes are the same).
 
 Without ``--model-dir`` (or when the shipped model is not there yet) a generator of the
 shipped architecture (latent 128, 1x28x28) with random weights is used: the cost of a
@@ -56,6 +59,28 @@ def model_dir(arg: str | None, tmp: Path) -> str:
     checkpoint.save_module(Generator(128, 1, 28, 28), tmp / "generator.safetensors", "generator")
     checkpoint.write_card(tmp, {"dataset": "random-weights (benchmark)"})
     return str(tmp)
+
+
+def narrow_model_dir(tmp: Path, like: Engine) -> str:
+    torch.manual_seed(0)
+    c, h, w = like.image_shape
+    checkpoint.save_module(Generator(like.bundle.latent_dim, c, h, w, dim=4), tmp / "generator.safetensors",
+                           "generator")
+    return str(tmp)
+
+
+def overhead(mdir: str, threads: int, samples: int) -> tuple[float, float]:
+    """(in-process p50, service p50) seconds for one image at L=1, R=1."""
+    engine = Engine.load(mdir, "cpu", "paper")
+    local = in_process_latency(engine, samples)
+    port = free_port()
+    proc = start_server(mdir, port, 32, 0, threads)
+    try:
+        served = service_latency(port, engine.image_shape, samples)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return local, served
 
 
 def in_process(engine: Engine, batch: int, steps: int, restarts: int, repeats: int) -> float:
@@ -172,13 +197,11 @@ def main() -> int:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp2:
         mdir = model_dir(args.model_dir, Path(tmp))
         engine = Engine.load(mdir, "cpu", "paper", Limits(max_batch_size=max(64, args.batch)))
         shape = engine.image_shape
         local = in_process(engine, args.batch, args.steps, args.restarts, args.repeats)
-        local_l1 = in_process_latency(engine, args.latency_samples)
-
         port = free_port()
         proc = start_server(mdir, port, args.batch, args.delay_ms, args.threads)
         try:
@@ -186,23 +209,23 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        port = free_port()
-        proc = start_server(mdir, port, args.batch, 0, args.threads)
-        try:
-            served_l1 = service_latency(port, shape, args.latency_samples)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        local_l1, served_l1 = overhead(mdir, args.threads, args.latency_samples)
+        narrow_l1, narrow_served_l1 = overhead(narrow_model_dir(Path(tmp2), engine), args.threads,
+                                               args.latency_samples)
 
+    ms = lambda seconds: round(1000 * seconds, 3)  # noqa: E731
     result = {
         "model_dir": mdir, "image_shape": list(shape), "L": args.steps, "R": args.restarts, "batch": args.batch,
-        "clients": args.clients, "torch_threads": args.threads,
-        "in_process_images_per_s": round(local, 1),
-        "service_images_per_s": round(served, 1),
+        "clients": args.clients, "torch_threads": args.threads, "seconds": args.seconds,
+        "in_process_images_per_s": round(local, 2),
+        "service_images_per_s": round(served, 2),
         "service_over_in_process": round(served / local, 3),
-        "L1_in_process_p50_ms": round(1000 * local_l1, 3),
-        "L1_service_p50_ms": round(1000 * served_l1, 3),
-        "L1_service_overhead_p50_ms": round(1000 * (served_l1 - local_l1), 3),
+        "L1_in_process_p50_ms": ms(local_l1),
+        "L1_service_p50_ms": ms(served_l1),
+        "L1_service_overhead_p50_ms": ms(served_l1 - local_l1),
+        "L1_narrow_generator_in_process_p50_ms": ms(narrow_l1),
+        "L1_narrow_generator_service_p50_ms": ms(narrow_served_l1),
+        "L1_narrow_generator_overhead_p50_ms": ms(narrow_served_l1 - narrow_l1),
     }
     print(json.dumps(result, indent=2))
     return 0
