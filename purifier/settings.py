@@ -125,7 +125,7 @@ class ClassifierSettings:
 
 # flag -> (dest, type, help, extra spellings). Defaults come from the dataclass.
 _SERVE_FLAGS = [
-    ("--model-dir", str, "model directory (default: the shipped models/fashion-mnist)", []),
+    ("--model-dir", str, "model directory (the shipped model by default)", []),
     ("--host", str, "address to bind", []),
     ("--grpc-port", int, "gRPC port (purifier.v1, KServe V2, health, reflection)", ["--grpc_port"]),
     ("--http-port", int, "accepted for KServe, which passes it to transformers; purifier serves no REST, "
@@ -151,7 +151,7 @@ _SERVE_FLAGS = [
 ]
 
 _CLASSIFIER_FLAGS = [
-    ("--model-dir", str, "model directory holding classifier.safetensors (default: models/fashion-mnist)", []),
+    ("--model-dir", str, "model directory holding classifier.safetensors", []),
     ("--host", str, "address to bind", []),
     ("--port", int, "gRPC port (KServe V2)", []),
     ("--model-name", str, "name the classifier is served under", []),
@@ -167,7 +167,7 @@ def _add(p: argparse.ArgumentParser, flags, cls) -> None:
     defaults = {f.name: f.default for f in fields(cls)}
     for flag, typ, help_, aliases in flags:
         dest = flag.lstrip("-").replace("-", "_")
-        shown = defaults.get(dest)
+        shown = str(DEFAULT_MODEL) if dest == "model_dir" else defaults.get(dest)
         p.add_argument(flag, *aliases, dest=dest, type=typ, default=None,
                        help=f"{help_} [env {_env_name(flag)}; default {shown!r}]")
 
