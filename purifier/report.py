@@ -133,8 +133,8 @@ def accuracy_vs_eps(results: dict, path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    for threat, attack, style in (("oblivious", "fgsm", "o"), ("oblivious", "pgd", "s"),
-                                  ("transfer", None, "^"), ("adaptive", "bpda", "D")):
+    for color, (threat, attack, style) in enumerate((("oblivious", "fgsm", "o"), ("oblivious", "pgd", "s"),
+                                                     ("transfer", None, "^"), ("adaptive", "bpda", "D"))):
         rows = sorted((r for r in results["cells"] if r["threat"] == threat and r["eps"] is not None
                        and (attack is None or r["attack"] == attack)), key=lambda r: r["eps"])
         if not rows:
@@ -148,7 +148,8 @@ def accuracy_vs_eps(results: dict, path: Path) -> bool:
             acc = np.array([r[key]["accuracy"] for r in rows])
             lo = acc - np.array([r[key]["ci95"][0] for r in rows])
             hi = np.array([r[key]["ci95"][1] for r in rows]) - acc
-            ax.errorbar(eps, acc, yerr=[lo, hi], fmt=style + line, capsize=3, label=f"{name}, {desc}")
+            ax.errorbar(eps, acc, yerr=[lo, hi], fmt=style + line, color=f"C{color}", capsize=3,
+                        label=f"{name}, {desc}")
             drawn = True
     if not drawn:
         plt.close(fig)
