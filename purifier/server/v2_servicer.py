@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import __version__
-from ..errors import InvalidInputError
+from ..errors import DownstreamError, InvalidInputError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
 from . import codec, v2
@@ -44,8 +44,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name == PURIFIER_MODEL:
             return pb.ModelReadyResponse(ready=self.state.ready)
         downstream = self.plane.need_downstream(request.name)
-        return pb.ModelReadyResponse(ready=await downstream.model_ready(request.name, request.version,
-                                                                        deadline_of(context)))
+        try:
+            ready = await downstream.model_ready(request.name, request.version, deadline_of(context))
+        except DownstreamError:
+            ready = False  # a model behind an unreachable server is not ready; not an error to probes
+        return pb.ModelReadyResponse(ready=ready)
 
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request, context):

@@ -158,6 +158,7 @@ def test_downstream_down_then_back_up(aloop, tiny_model_dir):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "unavailable after 3 tries" in e.value.details() and str(port) in e.value.details()
         assert clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=30)  # still serving
+        assert not clients.v2.ModelReady(v2_pb.ModelReadyRequest(name="classifier"), timeout=30).ready
         with running_classifier(aloop, tiny_model_dir, port=port):
             deadline = time.monotonic() + 10
             while True:  # the channel reconnects within its (1 s max) backoff
@@ -168,4 +169,5 @@ def test_downstream_down_then_back_up(aloop, tiny_model_dir):
                     assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
                     time.sleep(0.2)
             assert len(r.labels) == 1
+            assert clients.v2.ModelReady(v2_pb.ModelReadyRequest(name="classifier"), timeout=30).ready
         clients.close()
