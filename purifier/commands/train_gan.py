@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sample-every", type=int, default=C.sample_every)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the last checkpoint to --out without training further")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -35,6 +37,7 @@ def run(args) -> int:
         lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, device=resolve_device(args))
     summary = train(cfg, resume=args.resume, progress=not args.no_progress,
-                    max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+                    max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+                    export_only=args.export_only)
     print(summary)
     return 0
