@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from purifier import checkpoint  # noqa: E402
 from purifier.models import Generator  # noqa: E402
+from purifier.projection import PAPER  # noqa: E402
 from purifier.server.engine import Engine, Limits  # noqa: E402
 
 
@@ -81,6 +82,34 @@ def overhead(mdir: str, threads: int, samples: int) -> tuple[float, float]:
         proc.terminate()
         proc.wait(30)
     return local, served
+
+
+def codec_cost(shape, samples: int = 2000) -> float:
+    """p50 seconds to decode, validate and encode one single-image Purify round (no network)."""
+    from purifier import validation
+    from purifier.proto.purifier.v1 import purifier_pb2 as pb
+    from purifier.server.dataplane import Purified
+    from purifier.server.purifier_servicer import fill_purification, images_of, options_of
+
+    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    wire = pb.PurifyRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=x.shape, data=x.tobytes())).SerializeToString()
+    def once():
+        request = pb.PurifyRequest.FromString(wire)
+        images = validation.to_float_images(images_of(request, shape), shape, 64)
+        options_of(request)
+        p = Purified(images.numpy(), np.zeros(1, np.float32), np.zeros(1, bool), 0.05, PAPER)
+        response = pb.PurifyResponse(request_id="r")
+        fill_purification(response.purification, p)
+        return response.SerializeToString()
+
+    for _ in range(100):
+        once()
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def in_process(engine: Engine, batch: int, steps: int, restarts: int, repeats: int) -> float:
@@ -226,6 +255,7 @@ def main() -> int:
         "L1_narrow_generator_in_process_p50_ms": ms(narrow_l1),
         "L1_narrow_generator_service_p50_ms": ms(narrow_served_l1),
         "L1_narrow_generator_overhead_p50_ms": ms(narrow_served_l1 - narrow_l1),
+        "codec_p50_ms": ms(codec_cost(shape)),
     }
     print(json.dumps(result, indent=2))
     return 0
