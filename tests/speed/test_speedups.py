@@ -87,6 +87,16 @@ def test_bf16_steers_but_fp32_scores(sharp_gen, mixed_batch):
     assert p16.errors.mean() <= 2 * p32.errors.mean() + 1e-6
 
 
+def test_auto_precision_is_bf16_only_where_native(sharp_gen, mixed_batch):
+    from purifier.projection import fast_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if fast_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    p = project(sharp_gen, mixed_batch, ADAM.with_(steps=5, precision="auto"))
+    torch.testing.assert_close(p.errors, (p.images - mixed_batch).pow(2).flatten(1).mean(1))
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager_on_cpu(sharp_gen, mixed_batch):
     cfg = ADAM.with_(steps=20, prune_after=5, keep=2)
