@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'flagged as adversarial':28s} {flagged[0]:>7s}  {flagged[1]:>7s}")
 
     shown = [r for r in ("direct", "purified") if (r, "clean") in answers]
+    if args.show <= 0:
+        return 0
     print(f"\n{'label':10s}" + "".join(f"{r + ' ' + k:>18s}" for r in shown for k in ("clean", "fgsm")))
     for i in range(min(args.show, len(labels))):
         cells = []
