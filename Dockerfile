@@ -59,7 +59,7 @@ RUN chmod -R a+rX /app
 RUN useradd --system --uid 10001 --create-home --home-dir /home/purifier purifier
 USER 10001:10001
 
-# `serve` reads PURIFIER_* variables; in a container it must listen on all interfaces.
+# Both servers read PURIFIER_* variables; in a container they must listen on all interfaces.
 ENV PURIFIER_HOST=0.0.0.0
 
 EXPOSE 8081 8082 8001
