@@ -27,7 +27,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,24 @@ class EvalConfig:
             problems.append("sweep L values must be >= 0 and R values >= 1")
         if problems:
             raise ConfigError("bad evaluation settings: " + "; ".join(problems))
+
+    def command(self) -> str:
+        """The ``purifier eval`` command line for these settings, every option explicit (the
+        device and --resume aside: they do not change the numbers)."""
+        import shlex
+
+        def csv(values):
+            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+        parts = ["purifier", "eval", self.model_dir, "--out", self.out_dir]
+        skip = {"model_dir", "out_dir", "device"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in skip or value is None or value == ():
+                continue
+            parts += ["--" + f.name.replace("_", "-"), csv(value) if isinstance(value, tuple) else f"{value:g}"
+                      if isinstance(value, float) else str(value)]
+        return " ".join(shlex.quote(p) for p in parts)
 
     def projection_config(self, has_encoder: bool) -> ProjectionConfig:
         cfg = PROJECTIONS[self.projection]
@@ -319,24 +337,27 @@ class Evaluation:
 
     # -- the run
 
+    def _cell_name(self, threat: str, attack: str, eps: float | None) -> str:
+        """The cache key: everything the cell's adversarial images depend on, beyond the run's
+        fingerprint (so changing --pgd-steps, say, computes new cells instead of reusing old ones)."""
+        c = self.cfg
+        if attack == "cw":
+            return f"{threat}-cw-s{c.cw_steps}x{c.cw_search_steps}"
+        if attack == "bpda":
+            return f"{threat}-bpda-eps{eps:g}-s{c.adaptive_steps}-eot{c.eot_samples}-{_proj_tag(self.pcfg)}"
+        return f"{threat}-{attack}-eps{eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
+
     def cells(self) -> list[Cell]:
         c = self.cfg
-        out = []
-        for attack in ("fgsm", "pgd"):
-            if attack in c.attacks:
-                out += [Cell("oblivious", attack, e, f"oblivious-{attack}-eps{e:g}-s{c.pgd_steps if attack == 'pgd' else 1}", self.n)
-                        for e in c.eps]
+        wanted = [("oblivious", a, e) for a in ("fgsm", "pgd") if a in c.attacks for e in c.eps]
         if "cw" in c.attacks:
-            out.append(Cell("oblivious", "cw", None, f"oblivious-cw-s{c.cw_steps}x{c.cw_search_steps}", self.n))
+            wanted.append(("oblivious", "cw", None))
         if "transfer" in c.attacks:
-            m = c.transfer_method
-            out += [Cell("transfer", m, e, f"transfer-{m}-eps{e:g}-s{c.pgd_steps if m == 'pgd' else 1}", self.n)
-                    for e in c.eps]
+            wanted += [("transfer", c.transfer_method, e) for e in c.eps]
         if "bpda" in c.attacks and c.n_adaptive:
-            na = min(c.n_adaptive, self.n)
-            out += [Cell("adaptive", "bpda", e, f"adaptive-bpda-eps{e:g}-s{c.adaptive_steps}-eot{c.eot_samples}-"
-                         f"{_proj_tag(self.pcfg)}", na) for e in c.eps]
-        return out
+            wanted += [("adaptive", "bpda", e) for e in c.eps]
+        return [Cell(t, a, e, self._cell_name(t, a, e), min(c.n_adaptive, self.n) if t == "adaptive" else self.n)
+                for t, a, e in wanted]
 
     def _make_adversarial(self, cell: Cell) -> dict:
         c = self.cfg
@@ -403,8 +424,8 @@ class Evaluation:
                                 "negatives": "clean test images (purified, same settings)",
                                 "n_negatives": len(clean_errors), "n_positives": cell.n}
             if threshold is not None:
-                row["detection"]["at_card_threshold"] = {
-                    "threshold": threshold, **detection.rates_at(threshold, clean_errors, pur["error"].numpy())}
+                rates = detection.rates_at(threshold, clean_errors, pur["error"].numpy())
+                row["detection"]["at_card_threshold"] = {"threshold": threshold, **rates}
             if cell.threat == "transfer":
                 row["substitute_accuracy"] = accuracy(adv["pred_substitute"] == yc)
                 row["transfer_method"] = c.transfer_method
@@ -433,7 +454,7 @@ class Evaluation:
             return {}
         m = min(c.sweep_n, self.n)
         attack = c.sweep_attack
-        name = f"oblivious-{attack}-eps{c.sweep_eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
+        name = self._cell_name("oblivious", attack, c.sweep_eps)
         # The adversarial set of the main run when it has it (a prefix of its images).
         adv = self._adversarial(name, self.n if (attack in c.attacks and c.sweep_eps in c.eps) else m,
                                 c.batch_size, self._attack_fn(attack, c.sweep_eps, self.bundle.classifier))
@@ -489,6 +510,7 @@ def run_evaluation(cfg: EvalConfig, resume: bool = False, progress: bool = True,
 
     ev = Evaluation(cfg, resume=resume, progress=progress, log=log)
     results, artifacts = ev.run()
+    results["command"] = cfg.command()
     results["environment"] = report.environment(cfg.device)
     results["seed"] = cfg.seed
     report.write_report(results, artifacts, Path(cfg.out_dir))

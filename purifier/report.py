@@ -57,7 +57,8 @@ THREAT_TITLES = {"clean": "none (clean)", "oblivious": "white-box, defense-obliv
 def markdown_table(results: dict) -> str:
     s = results["settings"]
     p = s["projection"]
-    lines = [
+    lines = [f"Command: `{results['command']}`", ""] if results.get("command") else []
+    lines += [
         f"Dataset: {s['dataset']} (test split), seed {results.get('seed', s['eval']['seed'])}; "
         f"projection L={p['steps']}, R={p['restarts']}, optimizer {p['optimizer']}. "
         "Accuracy with its 95% Wilson interval; AUC: reconstruction-error detection, clean vs attack.",

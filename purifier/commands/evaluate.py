@@ -46,14 +46,15 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=C.batch_size, help="images per projection call / cached chunk")
     p.add_argument("--adaptive-batch", type=int, default=C.adaptive_batch, help="images per cached BPDA chunk")
     p.add_argument("--seed", type=int, default=C.seed)
+    p.add_argument("--n-show", type=int, default=C.n_show, help="images per figure grid")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, reusing cached cells")
     p.add_argument("--no-progress", action="store_true")
 
 
-def run(args) -> int:
-    from ..evaluate import EvalConfig, run_evaluation
+def config_from_args(args):
+    from ..evaluate import EvalConfig
 
-    cfg = EvalConfig(
+    return EvalConfig(
         model_dir=args.model_dir, out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, n=args.n,
         attacks=args.attacks, eps=args.eps, projection=args.projection, steps=args.steps,
         restarts=args.restarts, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
@@ -61,8 +62,15 @@ def run(args) -> int:
         substitute=args.substitute, n_adaptive=args.n_adaptive, adaptive_steps=args.adaptive_steps,
         eot_samples=args.eot_samples, sweep_l=args.sweep_l, sweep_r=args.sweep_r, sweep_n=args.sweep_n,
         sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, batch_size=args.batch_size,
-        adaptive_batch=args.adaptive_batch, seed=args.seed, device=resolve_device(args))
-    results = run_evaluation(cfg, resume=args.resume, progress=not args.no_progress)
-    print((__import__("pathlib").Path(args.out) / "results.md").read_text())
+        adaptive_batch=args.adaptive_batch, seed=args.seed, n_show=args.n_show, device=resolve_device(args))
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..evaluate import run_evaluation
+
+    results = run_evaluation(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.json, results.md and {len(results['figures'])} figures")
     return 0

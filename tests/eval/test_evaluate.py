@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+from dataclasses import replace
 
 import pytest
 import torch
 
 from purifier import checkpoint, cli
+from purifier.commands import evaluate as evaluate_command
 from purifier.errors import ConfigError
 from purifier.evaluate import EvalConfig, run_evaluation, wilson_interval
 from purifier.models import Classifier
@@ -57,7 +60,8 @@ def test_eval_writes_results_table_and_figures_and_resumes(tiny_model_dir, tiny_
     results = run_evaluation(cfg, progress=False, log=lambda *_: None)
 
     saved = json.loads((out / "results.json").read_text())
-    for key in ("clean", "cells", "sweeps", "settings", "environment", "seed", "figures", "fingerprint"):
+    for key in ("clean", "cells", "sweeps", "settings", "environment", "seed", "figures", "fingerprint",
+                "command"):
         assert key in saved, key
     assert saved["seed"] == 1
     assert {"versions", "hardware"} <= set(saved["environment"])
@@ -135,6 +139,12 @@ def test_eval_cli(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     assert [(c["attack"], c["eps"]) for c in saved["cells"]] == [("fgsm", 0.2), ("bpda", 0.2)]
     assert saved["settings"]["eval"]["eot_samples"] == 2
     assert "| white-box, defense-oblivious | FGSM | 0.2 | 6 |" in capsys.readouterr().out
+    # The recorded command, run again, asks for exactly these settings.
+    argv = shlex.split(saved["command"])
+    assert argv[:2] == ["purifier", "eval"]
+    again = evaluate_command.config_from_args(cli.build_parser(only="eval").parse_args(argv[1:]))
+    expected = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"]["eval"].items()}
+    assert replace(again, device="cpu") == EvalConfig(**expected)
 
 
 def test_calibrate_writes_the_threshold_into_the_card(tiny_model_dir, tiny_data_dir, capsys):
