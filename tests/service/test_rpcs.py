@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from purifier.projection import FAST
 from purifier.proto.inference import grpc_service_pb2 as v2_pb
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 
@@ -33,7 +34,7 @@ def test_purify_returns_projection_error_and_flag(clients):
     np.testing.assert_allclose(p.reconstruction_error, mse(out, x), rtol=1e-4, atol=1e-7)
     assert p.threshold_calibrated and p.threshold == pytest.approx(0.05)
     assert list(p.adversarial) == [e > 0.05 for e in p.reconstruction_error]
-    assert (p.steps, p.restarts) == (60, 4)  # the FAST preset the test server defaults to
+    assert (p.steps, p.restarts) == (FAST.steps, FAST.restarts)  # the preset the test server defaults to
 
 
 def test_purify_flags_images_off_the_generator_range(clients):

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from purifier.projection import FAST
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 
 from .conftest import Clients, images, running, settings_for, tensor
@@ -87,7 +88,7 @@ def test_cli_serve_sigterm_stops_gracefully(tiny_model_dir, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         r = pb_grpc_stub(channel).Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=30)
-        assert r.purification.steps == 60                  # PURIFIER_PROJECTION=fast took effect
+        assert r.purification.steps == FAST.steps          # PURIFIER_PROJECTION=fast took effect
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         channel.close()
