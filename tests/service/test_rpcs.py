@@ -7,7 +7,6 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -55,12 +54,12 @@ def test_purify_options_and_seed_are_honoured(clients):
 
 
 def test_purify_accepts_uint8_and_png(clients):
-    from torchvision.io import encode_png
+    from purifier.server.codec import encode_pngs
 
     x8 = (images(2) * 255).round().astype(np.uint8)
     r = clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(x8)), timeout=30).purification
     assert tuple(r.images.shape) == (2, 1, 8, 8)
-    pngs = [bytes(encode_png(torch.from_numpy(img)).numpy()) for img in x8]
+    pngs = encode_pngs(x8)
     r2 = clients.purifier.Purify(pb.PurifyRequest(encoded=pb.EncodedImages(images=pngs)), timeout=30).purification
     assert tuple(r2.images.shape) == (2, 1, 8, 8)
     assert max(r2.reconstruction_error) < 0.05
