@@ -6,6 +6,9 @@ projection options fill ``max_batch_size`` images or the oldest has waited
 free to decode and answer). Requests arriving while a batch runs wait for the next one,
 so under load batches fill without any delay.
 
+- A request that finds the queue empty right after a one-request batch runs at once:
+  nothing suggests company is coming, so a lone sequential client pays no batching delay.
+  As soon as requests overlap, the delay applies again.
 - Requests with different options (L, R) cannot share a batch; a request with a seed runs
   alone, so the same seed gives the same answer whatever else is in flight.
 - At most ``max_queue_size`` requests wait; the next is refused at once (OverloadedError).
@@ -54,6 +57,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._last_batch_requests = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
@@ -114,7 +118,8 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Item]:
         first = self._queue[0]
-        while not self._closed:
+        alone = len(self._queue) == 1 and self._last_batch_requests <= 1
+        while not self._closed and not alone:
             images = sum(it.x.shape[0] for it in self._queue if it.key == first.key)
             wait = first.enqueued + self.max_delay - time.monotonic()
             if images >= self.max_batch_size or wait <= 0:
@@ -134,6 +139,7 @@ class Batcher:
             batch.append(it)
             total += b
             self._queue.remove(it)
+        self._last_batch_requests = len(batch)
         self._depth_changed()
         return batch
 

@@ -69,6 +69,19 @@ def test_batcher_groups_by_options_and_runs_seeded_requests_alone():
     assert sizes == [(1, 5, None), (1, FAST.steps, 3), (1, FAST.steps, 3), (2, FAST.steps, None)]
 
 
+def test_a_lone_sequential_caller_does_not_wait_for_the_queue_delay():
+    calls = []
+
+    async def go(b):
+        start = time.monotonic()
+        for _ in range(3):
+            await b.submit(torch.zeros(1, 1, 2, 2), FAST)
+        return time.monotonic() - start
+
+    elapsed = run_batcher(go, fake_compute(calls), max_queue_delay_s=2.0)
+    assert elapsed < 1.0 and [n for n, _ in calls] == [1, 1, 1]
+
+
 def test_batcher_respects_max_batch_size():
     calls = []
 
