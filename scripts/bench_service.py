@@ -70,12 +70,12 @@ def narrow_model_dir(tmp: Path, like: Engine) -> str:
     return str(tmp)
 
 
-def overhead(mdir: str, threads: int, samples: int) -> tuple[float, float]:
+def overhead(mdir: str, threads: int, samples: int, delay_ms: float) -> tuple[float, float]:
     """(in-process p50, service p50) seconds for one image at L=1, R=1."""
     engine = Engine.load(mdir, "cpu", "paper")
     local = in_process_latency(engine, samples)
     port = free_port()
-    proc = start_server(mdir, port, 32, 0, threads)
+    proc = start_server(mdir, port, 32, delay_ms, threads)  # a lone client skips the delay
     try:
         served = service_latency(port, engine.image_shape, samples)
     finally:
@@ -221,7 +221,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
-    p.add_argument("--delay-ms", type=float, default=5.0, help="server --max-queue-delay-ms for the throughput run")
+    p.add_argument("--delay-ms", type=float, default=5.0, help="server --max-queue-delay-ms")
     p.add_argument("--latency-samples", type=int, default=200)
     args = p.parse_args()
 
@@ -238,9 +238,9 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        local_l1, served_l1 = overhead(mdir, args.threads, args.latency_samples)
+        local_l1, served_l1 = overhead(mdir, args.threads, args.latency_samples, args.delay_ms)
         narrow_l1, narrow_served_l1 = overhead(narrow_model_dir(Path(tmp2), engine), args.threads,
-                                               args.latency_samples)
+                                               args.latency_samples, args.delay_ms)
 
     ms = lambda seconds: round(1000 * seconds, 3)  # noqa: E731
     result = {
