@@ -77,6 +77,8 @@ def test_compose_purifier_forwards_to_the_classifier_service(compose):
     # compose's health checks ask the ports the servers really listen on
     assert compose["services"]["classifier"]["healthcheck"]["test"][-1] == f"localhost:{classifier.port}"
     assert compose["services"]["purifier"]["healthcheck"]["test"][-1] == f"localhost:{purifier.grpc_port}"
+    # `docker compose stop` waits longer than purifier drains
+    assert int(compose["services"]["purifier"]["stop_grace_period"].removesuffix("s")) > purifier.grace_seconds
 
 
 def resolve_env(env: dict) -> dict[str, str]:
