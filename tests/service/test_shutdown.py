@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from purifier.projection import FAST
+from purifier.proto.inference import grpc_service_pb2 as v2_pb
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 
 from .conftest import Clients, images, running, settings_for, tensor
@@ -52,16 +53,26 @@ def test_stop_drains_every_accepted_request(aloop, tiny_model_dir):
         while server.plane.batcher.depth < 4:            # one batch held at the gate, four queued
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=10), aloop.loop)
-        time.sleep(0.05)
-        assert not server.state.ready
-        with pytest.raises(grpc.RpcError) as e:           # new work is refused while draining
-            Clients(server.port).purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=5)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=30), aloop.loop)
+        deadline = time.monotonic() + 20
+        while server.state.ready:                         # NOT_SERVING first
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = None
+        while refused is None:                            # then new work is refused while draining
+            probe = Clients(server.port)
+            try:
+                probe.v2.ServerLive(v2_pb.ServerLiveRequest(), timeout=2)
+            except grpc.RpcError as e:
+                refused = e.code()
+            finally:
+                probe.close()
+            assert time.monotonic() < deadline
+        assert refused == grpc.StatusCode.UNAVAILABLE
         gate.set()
         for t in threads:
             t.join()
-        stopping.result(15)
+        stopping.result(40)
         assert results == [1] * 5                         # none of the accepted requests was lost
         clients.close()
 
