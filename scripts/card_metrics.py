@@ -1,6 +1,6 @@
 """Copy the measured purification metrics from a `purifier bench` quality run into a model card.
 
-    python scripts/card_metrics.py models/mnist docs/bench/bench-mnist-clean.json "<bench command>"
+    python scripts/card_metrics.py models/mnist docs/bench/bench-mnist-clean.json
 
 Writes the card's `metrics` section: accuracy of the card's classifier on purified clean test
 images (with a 95% Wilson interval), mean reconstruction error, n, the projection settings and
@@ -25,11 +25,11 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
-def main(model_dir: str, bench_json: str, command: str) -> None:
+def main(model_dir: str, bench_json: str) -> None:
     result = json.loads(Path(bench_json).read_text())
     clean = result["quality"]["clean"]
     n = result["settings"].get("quality_images") or clean.get("n")
-    metrics = {"measured_with": command,
+    metrics = {"measured_with": result["command"],
                "bench_file": bench_json, "test_images": n,
                "classifier_accuracy_clean_subset": round(clean["undefended_accuracy"], 4)}
     for name, row in clean["configs"].items():
@@ -43,6 +43,6 @@ def main(model_dir: str, bench_json: str, command: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 3:
         sys.exit(__doc__)
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:3])
