@@ -166,12 +166,13 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
     settings = settings_for(tiny_model_dir, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
         real = server.plane.engine.project
+        gate = threading.Event()
 
-        def slow(x, cfg):
-            time.sleep(0.3)
+        def gated(x, cfg):
+            gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = slow
+        server.plane.engine.project = gated
         clients = Clients(server.port)
         codes = []
 
@@ -186,13 +187,16 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
         threads = [threading.Thread(target=call) for _ in range(8)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 30
+        while len(codes) < 5:              # one computing, two queued: the other five are refused at once
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
         for t in threads:
             t.join()
-        assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 1 and codes.count(grpc.StatusCode.OK) >= 3
-        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert codes.count(grpc.StatusCode.UNAVAILABLE) == 5 and codes.count(grpc.StatusCode.OK) == 3
         server.plane.engine.project = real
-        assert metric(scrape(server), "purifier_rejected_total", reason="queue_full") == codes.count(
-            grpc.StatusCode.UNAVAILABLE)
+        assert metric(scrape(server), "purifier_rejected_total", reason="queue_full") == 5
         clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
         clients.close()
 
@@ -202,21 +206,26 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_
     with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=0)) as server:
         real = server.plane.engine.project
         seen = []
+        gate = threading.Event()
 
-        def slow(x, cfg):
+        def gated(x, cfg):
             seen.append(cfg.steps)
-            time.sleep(0.5)
+            gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = slow
+        server.plane.engine.project = gated
         clients = Clients(server.port)
         busy = threading.Thread(target=lambda: clients.purifier.Purify(
             pb.PurifyRequest(tensor=tensor(images(1))), timeout=60))
         busy.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while not seen:                                                 # the first batch holds the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as e:
             clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1)), options=pb.ProjectionOptions(steps=3)),
                                     timeout=0.2)
+        gate.set()
         busy.join()
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert 3 not in seen                                            # dropped before compute
