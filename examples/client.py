@@ -193,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     for route, endpoint in routes:
         for kind, images in (("clean", clean), ("fgsm", adv)):
             t0 = time.perf_counter()
-            got = answers[route, kind] = infer(endpoint, images, args.batch_size, args.timeout,
-                                               options if route == "purified" else None)
+            try:
+                got = answers[route, kind] = infer(endpoint, images, args.batch_size, args.timeout,
+                                                   options if route == "purified" else None)
+            except Exception as exc:  # tritonclient's InferenceServerException: status and message
+                hint = (" (raise --timeout, or send fewer images per request with --batch-size)"
+                        if "DEADLINE_EXCEEDED" in str(exc) else "")
+                sys.exit(f"{endpoint.name} failed on the {kind} images: {exc}{hint}")
             took = time.perf_counter() - t0
             print(f"  {route:8s} {kind:5s} {len(images)} images in {took:6.2f}s"
                   + (f" ({got.settings})" if got.settings else ""))
