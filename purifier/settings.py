@@ -88,6 +88,10 @@ class ServeSettings:
         if self.log_level.lower() not in LOG_LEVELS:
             problems.append(f"--log-level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
         if self.downstream and ":" not in self.downstream:
+            # KServe passes --predictor_host as '<isvc>-predictor.<namespace>' with no port;
+            # its predictor Service listens on 80.
+            object.__setattr__(self, "downstream", f"{self.downstream}:80")
+        if self.downstream and not self.downstream.rsplit(":", 1)[1].isdigit():
             problems.append(f"--downstream {self.downstream!r}: give host:port (for example localhost:8001), "
                             "or 'none' for no downstream")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -54,7 +54,7 @@ def test_every_flag_has_an_environment_variable():
     (dict(grpc_port=70000), "--grpc-port 70000"),
     (dict(max_batch_size=0), "--max-batch-size 0: must be at least 1"),
     (dict(projection="slow"), "choose one of paper, fast"),
-    (dict(downstream="localhost"), "give host:port"),
+    (dict(downstream="localhost:http"), "give host:port"),
     (dict(tls_cert="/nonexistent.pem"), "needs both --tls-cert and --tls-key"),
     (dict(tls_client_ca="ca.pem"), "needs --tls-cert"),
     (dict(log_level="loud"), "--log-level"),
@@ -74,3 +74,9 @@ def test_bad_environment_value_names_the_variable():
 def test_settings_are_frozen():
     with pytest.raises(Exception):
         ServeSettings().grpc_port = 1
+
+
+def test_kserve_predictor_host_without_port_means_port_80():
+    # KServe passes '<isvc>-predictor.<namespace>' with no port.
+    assert ServeSettings(downstream="flowers-predictor.default").downstream == "flowers-predictor.default:80"
+    assert ServeSettings(downstream="localhost:8001").downstream == "localhost:8001"
