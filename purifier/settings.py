@@ -47,7 +47,7 @@ class ServeSettings:
     max_queue_size: int = 256
     max_steps: int = 1000
     max_restarts: int = 20
-    projection: str = "paper"
+    projection: str = "fast"   # the shipped thresholds are calibrated for it; see docs/results.md
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: str | None = None
     tls_key: str | None = None

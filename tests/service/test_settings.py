@@ -18,7 +18,7 @@ def parse(argv, command="serve"):
 def test_defaults_follow_the_port_contract():
     s = serve_settings(parse([]), environ={})
     assert (s.grpc_port, s.metrics_port, s.downstream) == (8081, 8082, "localhost:8001")
-    assert s.model_dir.endswith("models/fashion-mnist") and s.projection == "paper"
+    assert s.model_dir.endswith("models/fashion-mnist") and s.projection == "fast"
     c = classifier_settings(parse([], "serve-classifier"), environ={})
     assert (c.port, c.model_name) == (8001, "classifier")
 
