@@ -52,7 +52,7 @@ def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
             raise ValueError(f"unknown projection setting {key!r} in {spec!r}; settings: {sorted(fields)}")
         if key in ("init_std", "seed"):
             kw[key] = None if value == "none" else (float(value) if key == "init_std" else int(value))
-        elif key in ("compile", "channels_last"):
+        elif key in ("compile", "channels_last", "cuda_graph"):
             kw[key] = value.lower() in ("1", "true", "yes")
         elif key in ("optimizer", "precision"):
             kw[key] = value
@@ -122,7 +122,7 @@ def latent_steps_per_image(generator, encoder, images, cfg: ProjectionConfig) ->
     hook = generator.register_forward_hook(lambda m, i, o: count.__setitem__(0, count[0] + o.shape[0])
                                            if torch.is_grad_enabled() else None)
     try:
-        project(generator, images, cfg.with_(compile=False), encoder)
+        project(generator, images, cfg.with_(compile=False, cuda_graph=False), encoder)
     finally:
         hook.remove()
     return count[0] / len(images)
@@ -149,7 +149,7 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
                   key: dict, cache_dir: str | os.PathLike | None, seed: int = 0) -> dict:
     """Purify ``x`` with ``cfg`` (seeded per batch: ``seed + batch index``), or load the
     result from ``cache_dir`` when the same key was computed before."""
-    key = dict(key, projection=asdict(cfg.with_(compile=False)), seed=seed, batch_size=batch_size)
+    key = dict(key, projection=asdict(cfg.with_(compile=False, cuda_graph=False)), seed=seed, batch_size=batch_size)
     if not cfg.encoder_starts:
         key.pop("encoder", None)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -24,6 +24,11 @@ Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
 - ``compile=True``: ``torch.compile`` the step (forward + gradient); on CUDA with CUDA
   graphs (``mode="reduce-overhead"``). ``channels_last=True`` converts the generator's
   conv weights to channels-last once (values unchanged).
+- ``cuda_graph=True`` (CUDA only): capture the *whole* fixed-length search (all L steps,
+  the pruning, the choice of the answer) as one CUDA graph per batch size and replay it, so
+  a request costs one launch instead of thousands. The random starts (and E(x)) are drawn
+  outside the graph and copied in, so restarts stay fresh per call. No early stopping
+  (it needs host syncs); elsewhere the result is the eager loop's.
 
 Every latent's best-so-far (error, z) is tracked at every step, and the answer is the
 best over those and the final iterate, so no speed-up can return a worse reconstruction
@@ -83,6 +88,7 @@ class ProjectionConfig:
     precision: str = "fp32"   # "fp32", "bf16" (autocast for the steps; scoring stays fp32), "auto"
     compile: bool = False     # torch.compile the step (CUDA: with CUDA graphs)
     channels_last: bool = False
+    cuda_graph: bool = False  # CUDA: replay the whole search as one captured graph
 
     def __post_init__(self):
         problems = []
@@ -104,6 +110,8 @@ class ProjectionConfig:
             problems.append(f"encoder_starts must be in [0, restarts], got {self.encoder_starts}")
         if self.early_stop_tol < 0 or self.check_every < 1:
             problems.append("early_stop_tol must be >= 0 and check_every >= 1")
+        if self.cuda_graph and (self.compile or self.early_stop_tol):
+            problems.append("cuda_graph captures the eager loop: it excludes compile and early stopping")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if problems:
@@ -137,10 +145,11 @@ def _per_latent_error(generator: nn.Module, z: torch.Tensor, target: torch.Tenso
 
 # --- the step: per-latent error and its gradient with respect to z --------------------------
 
-def _make_loss(generator: nn.Module, precision: str, device_type: str):
+def _make_loss(generator: nn.Module, precision: str, device_type: str, cache: bool = True):
+    # Graph capture needs autocast's weight-cast cache off (the casts must be in the graph).
     def loss(z: torch.Tensor, target: torch.Tensor):
         if precision == "bf16":
-            with torch.autocast(device_type, dtype=torch.bfloat16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache):
                 out = generator(z)                       # (N, C, H, W) bf16
             out = out.float()
         else:
@@ -246,17 +255,30 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
     ``generator`` and ``x`` must be on the same device; the device is the caller's choice.
     """
     device = x.device
-    B = x.shape[0]
-    D = generator.latent_dim
     gen = _rng(cfg, device)
     if cfg.channels_last:
         generator.to(memory_format=torch.channels_last)
     cfg = cfg.with_(precision=resolve_precision(cfg.precision, device))
-    step_fn = _step_function(generator, cfg, device.type)
-    rescore = cfg.precision != "fp32"
-
     z0 = _initial_latents(generator, encoder, x, cfg, gen)           # (B, R, D)
-    R = z0.shape[1]
+    if cfg.cuda_graph:
+        if device.type != "cuda":
+            raise InvalidInputError("cuda_graph needs a CUDA device")
+        return _project_graphed(generator, x, z0, cfg)
+    step_fn = _step_function(generator, cfg, device.type)
+    out_z, steps_run = _search(generator, step_fn, z0, x, cfg)
+    with torch.no_grad():
+        images = generator(out_z)                                     # (B, C, H, W)
+        errors = (images - x).pow(2).flatten(1).mean(1)               # (B,)
+    return Projection(images, errors, out_z, steps_run)
+
+
+def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
+            cfg: ProjectionConfig) -> tuple[torch.Tensor, int]:
+    """The descent from starts z0 (B, R, D) toward x (B, C, H, W): returns (z* (B, D), steps run).
+    Without early stopping it makes no host syncs (so it can be captured as a CUDA graph)."""
+    device = x.device
+    B, R, D = z0.shape
+    rescore = cfg.precision != "fp32"
     z = z0.reshape(B * R, D).clone()                                 # (N, D), N = B*R
     images_left = torch.arange(B, device=device)                     # (b,) image of each active row group
     target = x.repeat_interleave(R, dim=0)                           # (N, C, H, W)
@@ -316,9 +338,49 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
             last_check = best_err.clone()
 
     with torch.no_grad():
-        if images_left.numel():
-            zs, _ = _settle(generator, best_z, best_err, z, target, images_left.numel(), R, rescore)
-            out_z[images_left] = zs
-        images = generator(out_z)                                     # (B, C, H, W)
-        errors = (images - x).pow(2).flatten(1).mean(1)               # (B,)
-    return Projection(images, errors, out_z, steps_run)
+        if cfg.early_stop_tol:
+            if images_left.numel():
+                zs, _ = _settle(generator, best_z, best_err, z, target, images_left.numel(), R, rescore)
+                out_z[images_left] = zs
+        else:  # every image is still in the batch, in order: no indexing (and no host sync)
+            out_z, _ = _settle(generator, best_z, best_err, z, target, B, R, rescore)
+    return out_z, steps_run
+
+
+# --- the whole search as one CUDA graph ----------------------------------------------------
+
+# Captured graphs, per generator (weakly) and per (batch shape, settings).
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _project_graphed(generator: nn.Module, x: torch.Tensor, z0: torch.Tensor,
+                     cfg: ProjectionConfig) -> Projection:
+    key = (tuple(x.shape), tuple(z0.shape), x.device, cfg.with_(seed=None))
+    per_gen = _GRAPHS.setdefault(generator, {})
+    if key not in per_gen:
+        static_x, static_z0 = x.clone(), z0.clone()
+        step_fn = _eager_step(_make_loss(generator, cfg.precision, "cuda", cache=False))
+
+        def body():
+            out_z, _ = _search(generator, step_fn, static_z0, static_x, cfg)
+            with torch.no_grad():
+                images = generator(out_z)
+                errors = (images - static_x).pow(2).flatten(1).mean(1)
+            return images, errors, out_z
+
+        side = torch.cuda.Stream(x.device)   # warm up (allocator, cuDNN plans) off the capture
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = body()
+        per_gen[key] = (graph, static_x, static_z0, static_out)
+    graph, static_x, static_z0, static_out = per_gen[key]
+    static_x.copy_(x)
+    static_z0.copy_(z0)
+    graph.replay()
+    images, errors, out_z = (t.clone() for t in static_out)  # the next replay overwrites them
+    return Projection(images, errors, out_z, cfg.steps)

@@ -133,3 +133,32 @@ def test_channels_last_matches_on_gpu(sharp_gen, mixed_batch):
     ref = project(g, x, ADAM.with_(steps=20))
     cl = project(g, x, ADAM.with_(steps=20, channels_last=True))
     torch.testing.assert_close(cl.latents, ref.latents, atol=1e-3, rtol=1e-3)
+
+
+def test_cuda_graph_is_refused_off_cuda_and_with_early_stopping(sharp_gen, mixed_batch):
+    from purifier.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="CUDA"):
+        project(sharp_gen, mixed_batch, ADAM.with_(steps=2, cuda_graph=True))
+    with pytest.raises(InvalidInputError, match="early stopping"):
+        ADAM.with_(cuda_graph=True, early_stop_tol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_whole_search_cuda_graph_matches_eager_on_gpu(sharp_gen, mixed_batch, precision):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    g, x = sharp_gen.cuda(), mixed_batch.cuda()
+    cfg = ADAM.with_(steps=20, prune_after=5, keep=2, precision=precision, seed=3)
+    eager = project(g, x, cfg)
+    graphed = project(g, x, cfg.with_(cuda_graph=True))
+    x2 = torch.rand_like(x)
+    replay = project(g, x2, cfg.with_(cuda_graph=True))       # same shape: a replay with new inputs
+    eager2 = project(g, x2, cfg)
+    tol = dict(atol=1e-4, rtol=1e-3) if precision == "fp32" else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(graphed.latents, eager.latents, **tol)
+    torch.testing.assert_close(replay.latents, eager2.latents, **tol)
+    torch.testing.assert_close(graphed.errors, (graphed.images - x).pow(2).flatten(1).mean(1))
+    assert (replay.errors <= eager2.errors * 1.05 + 1e-6).all()
