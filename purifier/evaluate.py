@@ -53,6 +53,7 @@ class EvalConfig:
     projection: str = "paper"           # preset; steps/restarts override its L and R
     steps: int | None = None
     restarts: int | None = None
+    latent_radius: float | None = None  # override the preset's (0: z unconstrained, as the paper)
     pgd_steps: int = 40
     cw_steps: int = 100
     cw_search_steps: int = 5
@@ -122,6 +123,8 @@ class EvalConfig:
         if self.restarts is not None:
             cfg = cfg.with_(restarts=self.restarts, keep=min(cfg.keep, self.restarts),
                             encoder_starts=min(cfg.encoder_starts, self.restarts))
+        if self.latent_radius is not None:
+            cfg = cfg.with_(latent_radius=self.latent_radius)
         if cfg.encoder_starts and not has_encoder:
             cfg = cfg.with_(encoder_starts=0)  # no encoder in the model dir: random starts only
         return cfg
@@ -219,6 +222,8 @@ def _proj_tag(cfg: ProjectionConfig) -> str:
         tag += f"-enc{cfg.encoder_starts}"
     if cfg.early_stop_tol:
         tag += f"-tol{cfg.early_stop_tol:g}"
+    if cfg.latent_radius:
+        tag += f"-sphere{cfg.latent_radius:g}"
     return tag
 
 

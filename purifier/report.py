@@ -60,7 +60,9 @@ def markdown_table(results: dict) -> str:
     lines = [f"Command: `{results['command']}`", ""] if results.get("command") else []
     lines += [
         f"Dataset: {s['dataset']} (test split), seed {results.get('seed', s['eval']['seed'])}; "
-        f"projection L={p['steps']}, R={p['restarts']}, optimizer {p['optimizer']}. "
+        f"projection L={p['steps']}, R={p['restarts']}, optimizer {p['optimizer']}"
+        + (f", z on the sphere of radius {p['latent_radius']:g}*sqrt(D)" if p.get("latent_radius") else
+           ", z unconstrained") + ". "
         "Accuracy with its 95% Wilson interval; AUC: reconstruction-error detection, clean vs attack.",
         "",
         "| threat model | attack | eps | n | no defense | purified | detection AUC |",

@@ -32,13 +32,22 @@ def main(model_dir: str, bench_json: str) -> None:
     metrics = {"measured_with": result["command"],
                "bench_file": bench_json, "test_images": n,
                "classifier_accuracy_clean_subset": round(clean["undefended_accuracy"], 4)}
-    for name, row in clean["configs"].items():
-        acc = row["accuracy"]
-        metrics[f"purified_clean_accuracy_{name}"] = round(acc, 4)
-        metrics[f"purified_clean_accuracy_{name}_ci95"] = wilson(acc, n)
-        metrics[f"mean_reconstruction_error_clean_{name}"] = round(row["mean_error"], 6)
-        metrics[f"projection_{name}"] = result["settings"]["configs"][name]
-    card = checkpoint.update_card(model_dir, metrics=metrics)
+    env = result.get("environment", {})
+    metrics["measured_on"] = env.get("gpu") or f"CPU ({env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads)"
+    for cond, block in result["quality"].items():
+        label = "clean" if cond == "clean" else f"{cond}{result['settings']['eps']:g}"
+        if cond != "clean":
+            metrics[f"classifier_accuracy_{label}_subset"] = round(block["undefended_accuracy"], 4)
+        for name, row in block["configs"].items():
+            acc = row["accuracy"]
+            metrics[f"purified_{label}_accuracy_{name}"] = round(acc, 4)
+            metrics[f"purified_{label}_accuracy_{name}_ci95"] = wilson(acc, n)
+            metrics[f"mean_reconstruction_error_{label}_{name}"] = round(row["mean_error"], 6)
+    for name, cfg in result["settings"]["configs"].items():
+        metrics[f"projection_{name}"] = cfg
+    card = checkpoint.read_card(model_dir)
+    card["metrics"] = metrics  # replaced whole: numbers from an older bench must not linger
+    checkpoint.write_card(model_dir, card)
     print(json.dumps(card["metrics"], indent=2))
 
 

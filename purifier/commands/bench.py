@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="reuse purified results (e.g. the slow paper configuration) across runs")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its kernels per shape first (CUDA; the warm-up batches pay for it)")
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
 
 
@@ -35,6 +37,9 @@ def run(args) -> int:
     from ..bench import BenchSettings, parse_config, run_bench
 
     device = resolve_device(args)
+    if args.cudnn_benchmark:
+        import torch
+        torch.backends.cudnn.benchmark = True
     specs = args.config or ["paper", "fast"]
     settings = BenchSettings(
         configs=[parse_config(s) for s in specs],
@@ -48,6 +53,7 @@ def run(args) -> int:
     result = run_bench(bundle, test, settings, device, args.dataset,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     result["command"] = "purifier bench " + " ".join(sys.argv[2:])
+    result["environment"]["cudnn_benchmark"] = bool(args.cudnn_benchmark)
     text = json.dumps(result, indent=2)
     if args.out:
         from pathlib import Path

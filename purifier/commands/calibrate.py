@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
                    help="projection preset; use the settings the service will run")
     p.add_argument("--steps", type=int, default=None, help="override the preset's L")
     p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
+    p.add_argument("--latent-radius", type=float, default=None, help="override the preset's latent sphere radius")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the section, leave the card as it is")
@@ -42,7 +43,7 @@ def run(args) -> int:
     if dataset is None:
         raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset")
     cfg = EvalConfig(model_dir=args.model_dir, out_dir="", projection=args.projection, steps=args.steps,
-                     restarts=args.restarts).projection_config(bundle.encoder is not None)
+                     restarts=args.restarts, latent_radius=args.latent_radius).projection_config(bundle.encoder is not None)
     train = data.load(dataset, "train", args.data_dir)
     held = data.Split(train.images[-args.holdout:], train.labels[-args.holdout:], train.source)
     val = data.subset(held, args.n, args.seed)

@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
                    help="projection preset (paper: L=200 R=10 SGD; fast: see README, 'Speed')")
     p.add_argument("--steps", type=int, default=None, help="override the preset's L")
     p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
+    p.add_argument("--latent-radius", type=float, default=None,
+                   help="override the preset's latent sphere radius (0: unconstrained z, as the paper; "
+                        "1: ||z|| = sqrt(latent_dim))")
     p.add_argument("--pgd-steps", type=int, default=C.pgd_steps)
     p.add_argument("--cw-steps", type=int, default=C.cw_steps, help="CW-L2 Adam steps per binary-search step")
     p.add_argument("--cw-search-steps", type=int, default=C.cw_search_steps)
@@ -57,7 +60,7 @@ def config_from_args(args):
     return EvalConfig(
         model_dir=args.model_dir, out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, n=args.n,
         attacks=args.attacks, eps=args.eps, projection=args.projection, steps=args.steps,
-        restarts=args.restarts, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
+        restarts=args.restarts, latent_radius=args.latent_radius, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
         cw_search_steps=args.cw_search_steps, transfer_method=args.transfer_method,
         substitute=args.substitute, n_adaptive=args.n_adaptive, adaptive_steps=args.adaptive_steps,
         eot_samples=args.eot_samples, sweep_l=args.sweep_l, sweep_r=args.sweep_r, sweep_n=args.sweep_n,
