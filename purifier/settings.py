@@ -48,6 +48,7 @@ class ServeSettings:
     max_steps: int = 1000
     max_restarts: int = 20
     projection: str = "fast"   # the shipped thresholds are calibrated for it; see docs/results.md
+    cuda_graphs: str = "auto"  # auto: on for CUDA devices (whole-search CUDA graphs per batch bucket)
     max_message_bytes: int = 16 * 1024 * 1024
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -85,6 +86,8 @@ class ServeSettings:
             problems.append("downstream retries must be >= 0 and its timeout > 0")
         if self.projection not in PROJECTIONS:
             problems.append(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            problems.append(f"--cuda-graphs {self.cuda_graphs!r}: choose one of auto, on, off")
         if self.log_level.lower() not in LOG_LEVELS:
             problems.append(f"--log-level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
         if self.downstream and ":" not in self.downstream:
@@ -146,6 +149,8 @@ _SERVE_FLAGS = [
     ("--max-steps", int, "cap on a request's steps L (above: INVALID_ARGUMENT)", []),
     ("--max-restarts", int, "cap on a request's restarts R (above: INVALID_ARGUMENT)", []),
     ("--projection", str, "server default projection preset: paper (L=200, R=10) or fast", []),
+    ("--cuda-graphs", str, "auto (on for CUDA), on or off: replay the default projection as one "
+                           "CUDA graph per batch-size bucket (1, 2, 4, ... up to --max-batch-size)", []),
     ("--max-message-bytes", int, "largest gRPC message received or sent (above: RESOURCE_EXHAUSTED)", []),
     ("--tls-cert", str, "PEM server certificate (enables TLS)", []),
     ("--tls-key", str, "PEM server private key", []),

@@ -79,7 +79,8 @@ class Server:
         if s.threads:
             torch.set_num_threads(s.threads)
         limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts)
-        engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits)
+        engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits,
+                                            s.cuda_graphs)
         self._batcher = Batcher(None, self._executor, max_batch_size=s.max_batch_size,
                                 max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
                                 max_queue_size=s.max_queue_size, metrics=self.metrics)
