@@ -160,3 +160,15 @@ def test_calibrate_writes_the_threshold_into_the_card(tiny_model_dir, tiny_data_
     assert det["data"]["split"] == "train"
     assert card["dataset"] == "tiny"                          # the rest of the card is kept
     assert checkpoint.load_bundle(tiny_model_dir).threshold == det["threshold"]
+
+
+def test_latent_radius_override_reaches_the_projection_and_the_cache_tag(tmp_path):
+    from purifier.evaluate import EvalConfig, _proj_tag
+
+    cfg = EvalConfig(model_dir="m", out_dir=str(tmp_path), projection="paper", latent_radius=1.0)
+    pc = cfg.projection_config(has_encoder=False)
+    assert pc.latent_radius == 1.0 and pc.steps == 200 and pc.restarts == 10
+    assert "sphere1" in _proj_tag(pc)
+    assert "--latent-radius 1" in cfg.command()
+    free = EvalConfig(model_dir="m", out_dir=str(tmp_path), projection="fast", latent_radius=0.0)
+    assert free.projection_config(has_encoder=True).latent_radius == 0.0

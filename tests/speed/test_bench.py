@@ -71,3 +71,13 @@ def test_whole_bench_on_the_tiny_model_with_cache(tiny_model_dir, tmp_path):
         a, b = first["quality"][cond]["configs"], again["quality"][cond]["configs"]
         assert all(b[n]["cached"] for n in b)
         assert all(a[n]["accuracy"] == b[n]["accuracy"] and a[n]["mean_error"] == b[n]["mean_error"] for n in a)
+
+
+def test_bench_fgsm_is_the_tested_attack():
+    from purifier import attacks, bench
+    from purifier.models import Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier("D", 1, 8, 8).eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(bench.fgsm(clf, x, y, 0.3), attacks.fgsm(clf, x, y, 0.3))

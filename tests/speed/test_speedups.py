@@ -165,3 +165,21 @@ def test_whole_search_cuda_graph_matches_eager_on_gpu(sharp_gen, mixed_batch, pr
     torch.testing.assert_close(replay.latents, eager2.latents, **tol)
     torch.testing.assert_close(graphed.errors, (graphed.images - x).pow(2).flatten(1).mean(1))
     assert (replay.errors <= eager2.errors * 1.05 + 1e-6).all()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_latent_radius_keeps_every_answer_on_the_sphere(sharp_gen, mixed_batch, optimizer):
+    cfg = ADAM.with_(steps=15, optimizer=optimizer, lr=0.05 if optimizer == "adam" else 1.0,
+                     prune_after=5, keep=2, latent_radius=1.0)
+    out = project(sharp_gen, mixed_batch, cfg)
+    D = sharp_gen.latent_dim
+    torch.testing.assert_close(out.latents.norm(dim=1), torch.full((len(mixed_batch),), D ** 0.5),
+                               rtol=1e-5, atol=1e-5)
+    # the reported error is the error of the returned latents
+    torch.testing.assert_close(out.errors, (sharp_gen(out.latents) - mixed_batch).pow(2).flatten(1).mean(1))
+
+
+def test_latent_radius_zero_leaves_the_search_unconstrained(sharp_gen, mixed_batch):
+    free = project(sharp_gen, mixed_batch, ADAM.with_(steps=10))
+    off = project(sharp_gen, mixed_batch, ADAM.with_(steps=10, latent_radius=0.0))
+    torch.testing.assert_close(free.latents, off.latents)
