@@ -43,6 +43,7 @@ The generator's weights are never updated: gradients are taken with respect to z
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -56,6 +57,7 @@ OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+@functools.lru_cache(maxsize=None)
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 is native on this device (AMX / AVX512-BF16 CPUs, bf16-capable GPUs).
     Elsewhere bf16 is emulated and slower than fp32."""
@@ -142,6 +144,13 @@ class Projection:
     errors: torch.Tensor   # (B,) mean squared error of G(z*) to x
     latents: torch.Tensor  # (B, D) z*
     steps_run: int = 0
+
+
+@torch.no_grad()
+def _reconstruct(generator: nn.Module, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G(z) (B, C, H, W) and its mean squared error to x (B,), in fp32."""
+    images = generator(z)
+    return images, (images - x).pow(2).flatten(1).mean(1)
 
 
 def _per_latent_error(generator: nn.Module, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -278,10 +287,7 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
         return _project_graphed(generator, x, z0, cfg)
     step_fn = _step_function(generator, cfg, device.type)
     out_z, steps_run = _search(generator, step_fn, z0, x, cfg)
-    with torch.no_grad():
-        images = generator(out_z)                                     # (B, C, H, W)
-        errors = (images - x).pow(2).flatten(1).mean(1)               # (B,)
-    return Projection(images, errors, out_z, steps_run)
+    return Projection(*_reconstruct(generator, out_z, x), out_z, steps_run)
 
 
 def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
@@ -379,10 +385,7 @@ def _project_graphed(generator: nn.Module, x: torch.Tensor, z0: torch.Tensor,
 
         def body():
             out_z, _ = _search(generator, step_fn, static_z0, static_x, cfg)
-            with torch.no_grad():
-                images = generator(out_z)
-                errors = (images - static_x).pow(2).flatten(1).mean(1)
-            return images, errors, out_z
+            return (*_reconstruct(generator, out_z, static_x), out_z)
 
         side = torch.cuda.Stream(x.device)   # warm up (allocator, cuDNN plans) off the capture
         side.wait_stream(torch.cuda.current_stream(x.device))

@@ -12,23 +12,7 @@ N=${N:-1000}
 N_ADAPTIVE=${N_ADAPTIVE:-100}
 EVAL_EXTRA=${EVAL_EXTRA:-}
 PAPER_SPEC=${PAPER_SPEC:-paper}
-mkdir -p "$W" "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-P="$PY -m purifier.cli"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( BUDGET_S - $(el) )); }
-log() { echo "[$(el)s] $*" | tee -a "$W/timeline.txt"; }
-step() {
-  local name=$1 secs=$2; shift 2
-  if [ "$secs" -le 5 ]; then log "SKIP $name (no time left)"; return 0; fi
-  log "start $name (limit ${secs}s)"
-  timeout --kill-after=5 "$secs" "$@" > "$W/$name.log" 2>&1
-  local rc=$?
-  log "end $name rc=$rc"
-  return $rc
-}
+source "$(dirname "$0")/gpu_lib.sh"
 pack() {
   tar --exclude='cache' -czf "$OUT/results.tar.gz" "$W" models/*/card.json 2>/dev/null
   cp "$W/timeline.txt" "$OUT/timeline.txt" 2>/dev/null

@@ -29,24 +29,7 @@ SWEEP_N=${SWEEP_N:-500}
 QUICK=${QUICK:-0}
 PAPER_SPEC=${PAPER_SPEC:-paper}   # QUICK dry runs shrink it, e.g. paper=paper:steps=5,restarts=2
 EVAL_EXTRA=${EVAL_EXTRA:-}       # e.g. "--steps 5 --restarts 2" for a dry run
-mkdir -p "$W" "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-P="$PY -m purifier.cli"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( BUDGET_S - $(el) )); }
-log() { echo "[$(el)s] $*" | tee -a "$W/timeline.txt"; }
-# run NAME SECONDS CMD...: a step with a deadline; its log in $W/NAME.log
-step() {
-  local name=$1 secs=$2; shift 2
-  if [ "$secs" -le 5 ]; then log "SKIP $name (no time left)"; return 0; fi
-  log "start $name (limit ${secs}s)"
-  timeout --kill-after=5 "$secs" "$@" > "$W/$name.log" 2>&1
-  local rc=$?
-  log "end $name rc=$rc"
-  return $rc
-}
+source "$(dirname "$0")/gpu_lib.sh"
 pack_models() {
   for ds in mnist fashion-mnist; do
     [ -f models/$ds/generator.safetensors ] || continue

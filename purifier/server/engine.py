@@ -45,7 +45,11 @@ class Engine:
         self.graphs = self.device.type == "cuda" and cuda_graphs != "off" and not default.early_stop_tol
         if self.graphs:
             torch.backends.cudnn.benchmark = True  # shapes are fixed per bucket
-            self._graph_cfg = default.with_(cuda_graph=True, channels_last=True)
+            bundle.generator.to(memory_format=torch.channels_last)  # once, not per request
+            self._graph_cfg = default.with_(cuda_graph=True)
+        # Captured batch sizes: powers of two up to the batch limit, and the limit itself.
+        self.buckets = sorted({min(2 ** k, limits.max_batch_size)
+                               for k in range(max(limits.max_batch_size - 1, 1).bit_length() + 1)})
         # The generator is shared; torch modules are not re-entrant across threads for autograd
         # bookkeeping, so batches run one at a time (the batcher sends one at a time anyway).
         self._lock = threading.Lock()
@@ -60,10 +64,7 @@ class Engine:
 
     def bucket(self, n: int) -> int:
         """The captured batch size a batch of n runs at: the next power of two, capped."""
-        b = 1
-        while b < n:
-            b *= 2
-        return min(b, max(self.limits.max_batch_size, n))
+        return next((b for b in self.buckets if b >= n), n)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -128,9 +129,5 @@ class Engine:
         x = torch.full((1, *self.image_shape), 0.5)
         self.project(x, self.default.with_(steps=2, seed=0))
         if self.graphs:  # capture every bucket's graph now, not on a user's request
-            b = 1
-            while True:
+            for b in self.buckets:
                 self.project(torch.full((b, *self.image_shape), 0.5), self.default)
-                if b >= self.limits.max_batch_size:
-                    break
-                b = min(2 * b, self.limits.max_batch_size)
