@@ -10,19 +10,12 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 CLASSIFIER_PORT=${CLASSIFIER_PORT:-8001}
 MODEL_DIR=${PURIFIER_MODEL_DIR:-models/fashion-mnist}
 
-if [[ ! -x .venv/bin/python ]]; then
-    echo "creating .venv with $($PYTHON --version)" >&2
-    "$PYTHON" -m venv .venv
-fi
-# torch and torchvision come pinned from pyproject.toml; a no-op when already installed.
-if ! .venv/bin/python -c "import purifier.cli" 2>/dev/null || [[ ${REINSTALL:-0} == 1 ]]; then
-    .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install -e .
-fi
+# .venv with purifier installed from this checkout; a no-op when it already is (REINSTALL=1 forces it).
+source scripts/venv.sh
+ensure_venv "$PWD"
 PURIFIER=.venv/bin/purifier
 
 "$PURIFIER" serve-classifier --model-dir "$MODEL_DIR" --port "$CLASSIFIER_PORT" &

@@ -3,10 +3,8 @@
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# .venv with purifier and the `test` extra installed from this checkout; skipped when it
+# already is (REINSTALL=1 forces it; PYTHON picks the interpreter for a new .venv).
+source scripts/venv.sh
+ensure_venv "$PWD" test
 exec .venv/bin/python -m pytest "$@"
