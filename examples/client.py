@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model name on the classifier server; purifier forwards under this name")
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(CLASSES))
     p.add_argument("--data-dir", default=None, help="folder with the IDX test files "
-                   "(default: purifier.data's search path)")
+                   "(default: PURIFIER_DATA_DIR, /usr/share/datasets/<dataset>, ./data/<dataset>)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision fetch the test set into ./data when it is not found (needs internet)")
     p.add_argument("--model-dir", default=None,
                    help="where the local classifier for FGSM lives (default: models/<dataset>)")
     p.add_argument("-n", "--num-images", type=int, default=16, help="test images to send")
@@ -72,7 +74,8 @@ def make_images(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     from purifier import checkpoint, data
     from purifier.attacks import fgsm
 
-    split = data.subset(data.load(args.dataset, "test", args.data_dir), args.num_images, args.seed)
+    split = data.subset(data.load(args.dataset, "test", args.data_dir, download=args.download),
+                        args.num_images, args.seed)
     model_dir = Path(args.model_dir) if args.model_dir else REPO / "models" / args.dataset
     classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier")
     clean = split.images
@@ -97,11 +100,15 @@ class Endpoint:
     output_name: str
 
 
-def connect(name: str, url: str, model: str, authority: str | None = None) -> Endpoint:
+def need_tritonclient() -> None:
     try:
-        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc  # noqa: F401
     except ImportError:
-        sys.exit("this example needs tritonclient: pip install 'tritonclient[grpc]'")
+        sys.exit(f"this example needs tritonclient: {sys.executable} -m pip install 'tritonclient[grpc]'")
+
+
+def connect(name: str, url: str, model: str, authority: str | None = None) -> Endpoint:
+    import tritonclient.grpc as grpcclient
 
     channel_args = [("grpc.default_authority", authority)] if authority else None
     client = grpcclient.InferenceServerClient(url=url, channel_args=channel_args)
@@ -176,7 +183,15 @@ def infer(ep: Endpoint, x: np.ndarray, batch_size: int, timeout: float,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    clean, adv, labels, local = make_images(args)
+    need_tritonclient()
+    from purifier.errors import DataError, ModelLoadError
+
+    try:
+        clean, adv, labels, local = make_images(args)
+    except DataError as exc:  # no data set here: what data.load says names the ways to get it
+        sys.exit(f"client.py: {exc}")
+    except ModelLoadError as exc:
+        sys.exit(f"client.py: {exc}\n(--model-dir names the folder with classifier.safetensors)")
     names = CLASSES[args.dataset]
     print(f"{len(labels)} {args.dataset} test images; FGSM eps={args.eps} on the local classifier")
 

@@ -326,3 +326,25 @@ def test_example_client_help_runs():
     assert proc.returncode == 0, proc.stderr
     for flag in ("--purifier", "--classifier", "--model", "--eps"):
         assert flag in proc.stdout
+
+
+def test_example_client_without_the_data_set_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    """A machine without Fashion-MNIST: a one-line error naming ways that work (the apt
+    package, --data-dir, --download, which the client has), not a traceback."""
+    import importlib.util
+
+    from purifier import data
+
+    pytest.importorskip("tritonclient.grpc")
+    monkeypatch.setattr(data, "candidate_dirs", lambda name, data_dir=None: [tmp_path])
+    spec = importlib.util.spec_from_file_location("example_client", ROOT / "examples" / "client.py")
+    client = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "example_client", client)  # dataclasses look it up
+    spec.loader.exec_module(client)
+    with pytest.raises(SystemExit) as exc:
+        client.main(["-n", "2"])
+    message = str(exc.value.code)
+    assert message.startswith("client.py: fashion-mnist test files")
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert "--download" in message
+    assert client.parse_args(["--download"]).download  # the hint names a flag the client has
