@@ -199,11 +199,32 @@ def _build(cls, flags, args, environ) -> object:
     return cls(**values)
 
 
+# The other flags of KServe's Python model server (kserve.model_server), which KServe appends to a
+# transformer's args (`--workers` with containerConcurrency, `--protocol` for ModelMesh) or its docs
+# write into them (`--protocol grpc-v2`). purifier has no use for them; it accepts them, value or
+# not, and `purifier serve` logs them, so a pod KServe starts does not die on a usage error.
+# Any other unknown flag stays an error: a typo in one of purifier's flags must not pass silently.
+KSERVE_IGNORED_FLAGS = (
+    "--protocol", "--predictor_protocol", "--workers", "--max_threads", "--max_asyncio_workers",
+    "--enable_grpc", "--enable_docs_url", "--enable_latency_logging", "--configure_logging",
+    "--log_config_file", "--access_log_format", "--predictor_use_ssl",
+    "--predictor_request_timeout_seconds", "--predictor_request_retries",
+    "--grpc_max_send_message_length", "--grpc_max_receive_message_length",
+    "--enable_predictor_health_check",
+)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _add(p, _SERVE_FLAGS, ServeSettings)
-    # Other flags KServe may pass to a transformer; accepted so it can start us unchanged.
-    p.add_argument("--predictor_protocol", default=None, help="accepted for KServe; only v2/grpc-v2 is spoken")
-    p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    for flag in KSERVE_IGNORED_FLAGS:
+        p.add_argument(flag, dest="kserve" + flag.replace("-", "_"), nargs="?", const="", default=None,
+                       help=argparse.SUPPRESS)
+
+
+def kserve_ignored(args: argparse.Namespace) -> dict[str, str]:
+    """The KSERVE_IGNORED_FLAGS given on the command line, flag -> value ("" for a bare flag)."""
+    given = {flag: getattr(args, "kserve" + flag.replace("-", "_"), None) for flag in KSERVE_IGNORED_FLAGS}
+    return {flag: value for flag, value in given.items() if value is not None}
 
 
 def serve_settings(args: argparse.Namespace | None = None, environ=None) -> ServeSettings:

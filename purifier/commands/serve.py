@@ -13,10 +13,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..errors import ConfigError, ModelLoadError
     from ..server import serve
-    from ..settings import serve_settings
+    from ..settings import kserve_ignored, serve_settings
 
     try:
         settings = serve_settings(args)
+        _log_kserve_flags(kserve_ignored(args), settings.log_level)
         return serve(settings)
     except (ConfigError, ModelLoadError) as exc:
         import sys
@@ -25,3 +26,21 @@ def run(args) -> int:
         if isinstance(exc, ModelLoadError):
             print("  (pass --model-dir DIR or set PURIFIER_MODEL_DIR to a model directory)", file=sys.stderr)
         return 2
+
+
+def _log_kserve_flags(flags: dict[str, str], level: str) -> None:
+    """One log line for the KServe flags accepted and not used; a warning when one asks for a
+    protocol purifier does not speak to its predictor (it forwards over gRPC V2 only)."""
+    if not flags:
+        return
+    import logging
+
+    from ..server import logs
+
+    logs.configure(level)
+    log = logging.getLogger("purifier.serve")
+    logs.log(log, logging.INFO, "ignoring KServe flags purifier has no use for", flags=flags)
+    for flag in ("--protocol", "--predictor_protocol"):
+        if flags.get(flag, "grpc-v2") != "grpc-v2":
+            logs.log(log, logging.WARNING, f"{flag} {flags[flag]}: purifier forwards to its predictor "
+                     "over gRPC V2 only; give the predictor a gRPC port (protocolVersion: grpc-v2)")

@@ -4,6 +4,7 @@ parsed arguments name. No Docker engine or cluster runs here; this is what can b
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -178,33 +179,107 @@ def isvc() -> dict:
     return doc
 
 
-def test_kserve_transformer_takes_kserves_flags(isvc):
+def kserve_transformer_args(isvc: dict, namespace: str = "default",
+                            container_concurrency: int | None = None) -> list[str]:
+    """The transformer's args as KServe runs them: what the manifest says, then what KServe's
+    controller appends when absent (v1beta1 CustomTransformer.GetContainer): --model_name,
+    --predictor_host <isvc>-predictor.<namespace>, --http_port 8080, and --workers N when
+    containerConcurrency is set."""
     (container,) = isvc["spec"]["transformer"]["containers"]
-    assert_real_settings({e["name"]: e["value"] for e in container["env"]})
-    args = container["args"]
-    for flag in ("--model_name", "--predictor_host", "--grpc_port", "--http_port"):
-        assert flag in args, flag
-    purifier = parse(args)
-    assert purifier.model_name == isvc["metadata"]["name"]
-    assert host_port(purifier.downstream) == (f"{isvc['metadata']['name']}-predictor", 80)
-    # Knative routes gRPC to the one container port named h2c
+    args, name = list(container["args"]), isvc["metadata"]["name"]
+    appended = [("--model_name", name), ("--predictor_host", f"{name}-predictor.{namespace}"),
+                ("--http_port", "8080")]
+    if container_concurrency is not None:
+        appended.append(("--workers", str(container_concurrency)))
+    for flag, value in appended:
+        if flag not in args:
+            args += [flag, value]
+    return args
+
+
+def test_kserve_transformer_leaves_the_predictor_host_to_kserve(isvc):
+    (container,) = isvc["spec"]["transformer"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert_real_settings(env)
+    for flag in ("--predictor_host", "--predictor-host", "--downstream"):
+        assert flag not in container["args"], f"{flag}: KServe passes the predictor host it routes"
+    assert "PURIFIER_DOWNSTREAM" not in env
+
+
+@pytest.mark.parametrize("namespace", ["default", "models"])
+def test_kserve_transformer_forwards_where_kserve_says(isvc, namespace):
+    """With the args KServe adds, purifier forwards to the predictor host KServe passes (port 80,
+    the predictor Service's), under the InferenceService's name, and serves gRPC on the h2c port."""
+    name = isvc["metadata"]["name"]
+    purifier = parse(kserve_transformer_args(isvc, namespace))
+    assert purifier.model_name == name
+    assert host_port(purifier.downstream) == (f"{name}-predictor.{namespace}", 80)
+    (container,) = isvc["spec"]["transformer"]["containers"]
     (port,) = container["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == purifier.grpc_port
-    assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(purifier.metrics_port)
+    assert purifier.host == "0.0.0.0"
 
 
-def test_kserve_transformer_survives_the_args_kserve_appends(isvc):
-    """KServe appends --model_name/--predictor_host/--http_port when absent; a transformer
-    written without them must still start."""
-    (container,) = isvc["spec"]["transformer"]["containers"]
-    bare = list(container["args"])
-    for flag in ("--model_name", "--predictor_host", "--http_port"):
-        i = bare.index(flag)
-        del bare[i:i + 2]
-    name = isvc["metadata"]["name"]
-    purifier = parse(bare + ["--model_name", name, "--predictor_host", f"{name}-predictor.default:80",
-                             "--http_port", "8080"])
-    assert purifier.model_name == name
+def test_kserve_injected_flags_are_accepted_not_fatal(isvc):
+    """--workers (containerConcurrency) and --protocol grpc-v2 (as KServe's docs write it) must
+    not make the transformer exit with a usage error; purifier reports them as ignored."""
+    from purifier.cli import build_parser
+    from purifier.settings import kserve_ignored
+
+    argv = kserve_transformer_args(isvc, container_concurrency=4) + [
+        "--protocol", "grpc-v2", "--predictor_protocol=grpc-v2", "--enable_predictor_health_check",
+        "--max_threads", "8"]
+    purifier = parse(argv)
+    assert purifier.model_name == isvc["metadata"]["name"]
+    ignored = kserve_ignored(build_parser(only="serve").parse_args(argv))
+    assert ignored == {"--workers": "4", "--protocol": "grpc-v2", "--predictor_protocol": "grpc-v2",
+                       "--enable_predictor_health_check": "", "--max_threads": "8"}
+
+
+def test_unknown_flags_that_are_not_kserves_still_fail():
+    """Accepting KServe's flags must not let a typo in one of purifier's pass silently."""
+    with pytest.raises(AssertionError, match="does not parse"):
+        parse(["serve", "--max-batch-sise", "8"])
+
+
+def test_serve_logs_the_kserve_flags_it_ignores(tmp_path):
+    """The real command: it gets past argument parsing (here it stops at the empty model
+    directory), logs the KServe flags, and warns when the protocol is not gRPC V2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "purifier.cli", "serve", "--protocol", "v1", "--workers", "2",
+         "--model-dir", str(tmp_path), "--grpc-port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "unrecognized arguments" not in proc.stderr
+    assert proc.returncode == 2 and "generator" in proc.stderr  # the model, not the flags
+    logged = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    (ignored,) = [e for e in logged if e["msg"].startswith("ignoring KServe flags")]
+    assert ignored["flags"] == {"--protocol": "v1", "--workers": "2"}
+    assert any(e["level"] == "warning" and e["msg"].startswith("--protocol v1") for e in logged)
+
+
+def pod_annotations(isvc: dict, component: str) -> dict[str, str]:
+    """A component pod's annotations: the InferenceService's, then the component's own."""
+    return {**isvc["metadata"].get("annotations", {}), **isvc["spec"][component].get("annotations", {})}
+
+
+def aggregated_scrape(annotations: dict[str, str]) -> tuple[int, str] | None:
+    """What KServe's metrics aggregator makes queue-proxy scrape from the kserve-container (and
+    serve on 9088), as its pod mutator reads the pod's annotations; None when aggregation is off.
+    Without prometheus.kserve.io/port it scrapes 8080, the KServe SDK's default."""
+    if annotations.get("serving.kserve.io/enable-metric-aggregation") != "true":
+        return None
+    return (int(annotations.get("prometheus.kserve.io/port", "8080")),
+            annotations.get("prometheus.kserve.io/path", "/metrics"))
+
+
+def test_kserve_metric_aggregation_scrapes_purifiers_metrics(isvc):
+    purifier = parse(kserve_transformer_args(isvc))
+    annotations = pod_annotations(isvc, "transformer")
+    assert aggregated_scrape(annotations) == (purifier.metrics_port, "/metrics")
+    # and Prometheus is pointed at the aggregate (KServe sets the pod's prometheus.io/port to 9088)
+    assert annotations.get("serving.kserve.io/enable-prometheus-scraping") == "true"
+    # the predictor (serve-classifier) has no metrics port: aggregating there would scrape nothing
+    assert aggregated_scrape(pod_annotations(isvc, "predictor")) is None
 
 
 def test_kserve_predictor_serves_the_model_the_transformer_forwards(isvc):
