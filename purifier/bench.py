@@ -30,10 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attacks import fgsm  # noqa: F401  the ART-tested attack: bench and `purifier eval` attack alike
-from .projection import FAST, PAPER, ProjectionConfig, project
-
-PRESETS = {"paper": PAPER, "fast": FAST}
+from . import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
+from .projection import PAPER, ProjectionConfig, preset, project
 
 
 def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
@@ -41,9 +39,6 @@ def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
     ``fast-bf16=fast:precision=bf16`` or ``adam100=paper:optimizer=adam,lr=0.05,steps=100``."""
     name, _, rest = spec.partition("=")
     base_name, _, changes = (rest or name).partition(":")
-    if base_name not in PRESETS:
-        raise ValueError(f"unknown base configuration {base_name!r} in {spec!r}; use one of {sorted(PRESETS)}")
-    cfg = PRESETS[base_name]
     fields = {f: type(v) for f, v in asdict(PAPER).items()}
     kw = {}
     for item in filter(None, changes.split(",")):
@@ -58,7 +53,7 @@ def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
             kw[key] = value
         else:
             kw[key] = fields[key](float(value)) if fields[key] is int else fields[key](value)
-    return name, cfg.with_(**kw)
+    return name, preset(base_name, **kw)
 
 
 # --- environment ---------------------------------------------------------------------------
@@ -245,7 +240,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
             if cond == "clean":
                 xin, ckey = x, dict(key, condition="clean")
             elif cond == "fgsm":
-                xin = torch.cat([fgsm(clf, x[s: s + 500], y[s: s + 500], settings.eps)
+                xin = torch.cat([attacks.fgsm(clf, x[s: s + 500], y[s: s + 500], settings.eps)
                                  for s in range(0, len(x), 500)])
                 ckey = dict(key, condition=f"fgsm-{settings.eps}",
                             classifier=file_digest(bundle.path / "classifier.safetensors"))

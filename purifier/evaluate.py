@@ -7,6 +7,16 @@ One run takes a seeded choice of ``n`` test images and measures, per *cell*:
 - ``transfer`` (black box): FGSM or PGD computed on a separately trained substitute
   classifier, sent through the purifier to the target classifier;
 - ``adaptive``: BPDA+EOT PGD on classifier(purify(x)), on the first ``n_adaptive`` images.
+- ``blackbox``: the Defense-GAN paper's black-box protocol (Papernot et al. 2017 substitute
+  training, as the original code's ``blackbox.py`` runs it): the first ``blackbox_holdout``
+  test images (file order) are the attacker's, labelled by querying the *defended* model
+  (purify, then classify: the pipeline of the purified column); a substitute of architecture
+  ``blackbox_arch`` is trained on them for ``blackbox_rounds`` rounds of ``blackbox_epochs``
+  epochs, its set doubled between rounds by Jacobian-based augmentation (lambda
+  ``blackbox_lambda``), each new point labelled by the defended model; FGSM crafted on the
+  final substitute (its own predictions as labels, clipped to [0, 1]) is measured on the next
+  ``blackbox_n`` test images (the original: 1,850, the rest of the first 2,000). Weaker than
+  ``transfer``, whose substitute learnt from the whole labelled training set.
 
 Each cell gives accuracy without and with the defense (95% Wilson intervals), and the
 detection ROC of reconstruction errors against the clean images. Optional sweeps purify
@@ -35,10 +45,12 @@ import torch
 
 from . import attacks, checkpoint, data, detection
 from .errors import ConfigError
-from .projection import FAST, PAPER, ProjectionConfig, project
+from .projection import PRESETS as PROJECTIONS
+from .projection import ProjectionConfig, preset, project
 
-ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda")
-PROJECTIONS = {"paper": PAPER, "fast": FAST}
+ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda", "blackbox")
+BLACKBOX_LABELS = ("defended", "true")
+BLACKBOX_BATCH, BLACKBOX_LR = 128, 1e-3   # the original's substitute training (cleverhans' Adam)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,14 @@ class EvalConfig:
     sweep_n: int = 200
     sweep_attack: str = "fgsm"
     sweep_eps: float = 0.3
+    blackbox_holdout: int = 150         # the attacker's test images (the first, in file order)
+    blackbox_n: int = 1850              # test images after them, attacked and measured
+    blackbox_rounds: int = 6            # substitute training rounds; the set doubles between rounds
+    blackbox_lambda: float = 0.1        # Jacobian augmentation step
+    blackbox_epochs: int = 10           # substitute epochs per round
+    blackbox_arch: str = "B"            # substitute architecture (the rerun's: B, model A protected)
+    blackbox_labels: str = "defended"   # the holdout's labels: the defended model's, or "true" (the
+                                        # original script's: it queries only for the new points)
     batch_size: int = 250               # images per project() call and per cached chunk
     adaptive_batch: int = 20            # images per cached BPDA chunk (minutes each on a CPU)
     seed: int = 0
@@ -86,6 +106,14 @@ class EvalConfig:
             problems.append(f"every eps must be in (0, 1] (images are in [0, 1]), got {list(self.eps)}")
         if not self.eps and set(self.attacks) & {"fgsm", "pgd", "transfer", "bpda"}:
             problems.append("give at least one eps for fgsm/pgd/transfer/bpda")
+        if min(self.blackbox_holdout, self.blackbox_n, self.blackbox_rounds, self.blackbox_epochs) < 1:
+            problems.append("blackbox_holdout, blackbox_n, blackbox_rounds and blackbox_epochs must be >= 1")
+        if not self.blackbox_lambda > 0:
+            problems.append(f"blackbox_lambda must be > 0, got {self.blackbox_lambda}")
+        if self.blackbox_arch not in ("A", "B", "C", "D"):
+            problems.append(f"blackbox_arch must be one of A, B, C, D, got {self.blackbox_arch!r}")
+        if self.blackbox_labels not in BLACKBOX_LABELS:
+            problems.append(f"blackbox_labels must be one of {BLACKBOX_LABELS}, got {self.blackbox_labels!r}")
         if self.transfer_method not in ("fgsm", "pgd"):
             problems.append(f"transfer_method must be fgsm or pgd, got {self.transfer_method!r}")
         if self.sweep_attack not in ("fgsm", "pgd"):
@@ -117,17 +145,8 @@ class EvalConfig:
         return " ".join(shlex.quote(p) for p in parts)
 
     def projection_config(self, has_encoder: bool) -> ProjectionConfig:
-        cfg = PROJECTIONS[self.projection]
-        if self.steps is not None:
-            cfg = cfg.with_(steps=self.steps)
-        if self.restarts is not None:
-            cfg = cfg.with_(restarts=self.restarts, keep=min(cfg.keep, self.restarts),
-                            encoder_starts=min(cfg.encoder_starts, self.restarts))
-        if self.latent_radius is not None:
-            cfg = cfg.with_(latent_radius=self.latent_radius)
-        if cfg.encoder_starts and not has_encoder:
-            cfg = cfg.with_(encoder_starts=0)  # no encoder in the model dir: random starts only
-        return cfg
+        return preset(self.projection, has_encoder=has_encoder, steps=self.steps, restarts=self.restarts,
+                      latent_radius=self.latent_radius)
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -265,6 +284,16 @@ class Evaluation:
         self.x, self.y = chosen.images, chosen.labels  # (n, C, H, W) on the host, (n,)
         self.n = len(self.y)
         self.data_source = test.source
+        self.blackbox = None
+        if "blackbox" in cfg.attacks:
+            h = cfg.blackbox_holdout
+            if len(test.labels) <= h:
+                raise ConfigError(f"blackbox: the test split has {len(test.labels)} images, the attacker "
+                                  f"holds out {h}; lower --blackbox-holdout")
+            # File order, as the original: the attacker's images first, the measured ones next.
+            self.blackbox = {"holdout": (test.images[:h], test.labels[:h]),
+                             "eval": (test.images[h:h + cfg.blackbox_n], test.labels[h:h + cfg.blackbox_n])}
+            self._blackbox_model = None
 
         self.fingerprint = self._fingerprint()
         self.cache = ChunkCache(self.out / "cache", progress)
@@ -304,10 +333,13 @@ class Evaluation:
         with torch.no_grad():
             return model(x.to(self.device)).argmax(1).cpu()
 
-    def _adversarial(self, name: str, n: int, chunk: int, make) -> dict:
-        """Adversarial images for the first n test images: {"x", "pred"} (pred: target, no defense)."""
+    def _adversarial(self, name: str, n: int, chunk: int, make, images=None) -> dict:
+        """Adversarial images for the first n test images (or of ``images``, a pair (x, y)):
+        {"x", "pred"} (pred: target, no defense)."""
+        xs, ys = images if images is not None else (self.x, self.y)
+
         def fn(s, e):
-            x, y = self.x[s:e].to(self.device), self.y[s:e].to(self.device)
+            x, y = xs[s:e].to(self.device), ys[s:e].to(self.device)
             adv = make(x, y, s)
             return {"x": adv, "pred": self._predict(self.bundle.classifier, adv)}
         return self.cache.run("adv/" + name, n, chunk, fn, desc=f"attack {name}")
@@ -350,6 +382,8 @@ class Evaluation:
             return f"{threat}-cw-s{c.cw_steps}x{c.cw_search_steps}"
         if attack == "bpda":
             return f"{threat}-bpda-eps{eps:g}-s{c.adaptive_steps}-eot{c.eot_samples}-{_proj_tag(self.pcfg)}"
+        if threat == "blackbox":
+            return f"blackbox-{attack}-eps{eps:g}-{self._blackbox_tag()}"
         return f"{threat}-{attack}-eps{eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
 
     def cells(self) -> list[Cell]:
@@ -361,8 +395,88 @@ class Evaluation:
             wanted += [("transfer", c.transfer_method, e) for e in c.eps]
         if "bpda" in c.attacks and c.n_adaptive:
             wanted += [("adaptive", "bpda", e) for e in c.eps]
-        return [Cell(t, a, e, self._cell_name(t, a, e), min(c.n_adaptive, self.n) if t == "adaptive" else self.n)
-                for t, a, e in wanted]
+        if "blackbox" in c.attacks:
+            wanted += [("blackbox", "fgsm", e) for e in c.eps]
+        n = {"adaptive": min(c.n_adaptive, self.n),
+             "blackbox": len(self.blackbox["eval"][1]) if self.blackbox else 0}
+        return [Cell(t, a, e, self._cell_name(t, a, e), n.get(t, self.n)) for t, a, e in wanted]
+
+    def _cell_data(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean images (n, C, H, W) and labels (n,) a cell attacks."""
+        if cell.threat == "blackbox":
+            return self.blackbox["eval"]
+        return self.x[: cell.n], self.y[: cell.n]
+
+    # -- the black-box protocol
+
+    def _blackbox_tag(self) -> str:
+        """Everything the substitute depends on beyond the run's fingerprint; the defended model
+        that labels its data includes the projection."""
+        c = self.cfg
+        return (f"h{c.blackbox_holdout}-r{c.blackbox_rounds}-lam{c.blackbox_lambda:g}-e{c.blackbox_epochs}-"
+                f"{c.blackbox_arch}-{c.blackbox_labels}-{_proj_tag(self.pcfg)}")
+
+    def _defended_labels(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The black box's answers (N,): classify(purify(x)), the purified column's pipeline,
+        cached by the points' hash (so a resumed run reuses answers only for the same points)."""
+        digest = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:12]
+        return self._purified(f"blackbox-{self._blackbox_tag()}/{name}-{digest}", x.cpu(), self.pcfg)["pred"]
+
+    def _blackbox_substitute(self) -> tuple[torch.nn.Module, dict]:
+        """The Papernot substitute and its training record, trained once and kept in the cache."""
+        if self._blackbox_model is not None:
+            return self._blackbox_model
+        from .models import Classifier
+
+        c = self.cfg
+        folder = self.out / "cache" / "blackbox" / self._blackbox_tag()
+        path, record_path = folder / "substitute.safetensors", folder / "substitute.json"
+        if path.is_file() and record_path.is_file():
+            model = checkpoint.load_module(path, "classifier", self.device)
+            record = json.loads(record_path.read_text())
+        else:
+            x0, y_true = self.blackbox["holdout"]
+            self.log(f"blackbox: training a substitute ({c.blackbox_arch}) on {len(y_true)} held-out "
+                     f"images, {c.blackbox_rounds} rounds")
+            t0 = time.time()
+            y0 = y_true if c.blackbox_labels == "true" else self._defended_labels(x0, "holdout")
+            seed = _derive_seed(c.seed, "blackbox")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)   # the substitute's initial weights
+                model = Classifier(c.blackbox_arch, *self.bundle.image_shape,
+                                   num_classes=self.bundle.classifier.config["num_classes"])
+            queries = [0 if c.blackbox_labels == "true" else len(y0)]
+
+            def oracle(x, rnd):
+                queries.append(len(x))
+                return self._defended_labels(x, f"round{rnd + 1}")
+            model, xs, ys = attacks.papernot_substitute(
+                model.to(self.device), oracle, x0.to(self.device), y0.to(self.device),
+                rounds=c.blackbox_rounds, lam=c.blackbox_lambda, epochs=c.blackbox_epochs,
+                batch_size=BLACKBOX_BATCH, lr=BLACKBOX_LR, seed=seed, log=self.log)
+            record = {"training_points": len(ys), "oracle_queries": sum(queries),
+                      "label_counts": torch.bincount(ys.cpu(), minlength=model.config["num_classes"]).tolist(),
+                      "holdout_label_agreement_with_truth": float((y0.cpu() == y_true).float().mean()),
+                      "seconds": round(time.time() - t0, 1)}
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.save_module(model, path, "classifier")
+            record_path.write_text(json.dumps(record, indent=1) + "\n")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._blackbox_model = (model.eval(), record)
+        return self._blackbox_model
+
+    def _blackbox_protocol(self, record: dict) -> dict:
+        c = self.cfg
+        h = c.blackbox_holdout
+        return {"holdout": h, "rounds": c.blackbox_rounds, "lambda": c.blackbox_lambda,
+                "epochs_per_round": c.blackbox_epochs, "batch_size": BLACKBOX_BATCH, "lr": BLACKBOX_LR,
+                "substitute_arch": c.blackbox_arch, "holdout_labels": c.blackbox_labels,
+                "jacobian": "sign of d softmax(substitute)[oracle label] / dx, new points not clipped",
+                "fgsm_labels": "the substitute's predictions", "fgsm_clip": [0.0, 1.0],
+                "attacker_images": f"test[0:{h}] (file order)",
+                "measured_images": f"test[{h}:{h + len(self.blackbox['eval'][1])}] (file order)",
+                **record}
 
     def _make_adversarial(self, cell: Cell) -> dict:
         c = self.cfg
@@ -373,6 +487,16 @@ class Evaluation:
             make = self._attack_fn(cell.attack, cell.eps, self.substitute)
             adv = self._adversarial(cell.name, cell.n, c.batch_size, make)
             adv["pred_substitute"] = self._predict(self.substitute, adv["x"])
+            return adv
+        if cell.threat == "blackbox":
+            def make(x, y, s):   # the attacker has no labels here: FGSM on the substitute's own
+                sub = self._blackbox_substitute()[0]
+                return attacks.fgsm(sub, x, sub(x).argmax(1), cell.eps)
+            adv = self._adversarial(cell.name, cell.n, c.batch_size, make, images=self.blackbox["eval"])
+            sub = self._blackbox_substitute()[0]
+            adv["pred_substitute"] = self._predict(sub, adv["x"])
+            adv["pred_substitute_clean"] = self._predict(sub, self.blackbox["eval"][0])
+            adv["pred_clean"] = self._predict(self.bundle.classifier, self.blackbox["eval"][0])
             return adv
 
         def bpda(x, y, s):
@@ -415,8 +539,8 @@ class Evaluation:
             self.log(f"{cell.threat} {cell.attack} eps={cell.eps} on {cell.n} images")
             adv = self._make_adversarial(cell)
             pur = self._purified(cell.name, adv["x"], self.pcfg)
-            yc = y[: cell.n]
-            delta = (adv["x"] - self.x[: cell.n]).flatten(1)
+            x0, yc = self._cell_data(cell)
+            delta = (adv["x"] - x0).flatten(1)
             row = {"threat": cell.threat, "attack": cell.attack, "eps": cell.eps, "n": cell.n,
                    "undefended": accuracy(adv["pred"] == yc),
                    "purified": accuracy(pur["pred"] == yc),
@@ -431,6 +555,11 @@ class Evaluation:
             if threshold is not None:
                 rates = detection.rates_at(threshold, clean_errors, pur["error"].numpy())
                 row["detection"]["at_card_threshold"] = {"threshold": threshold, **rates}
+            if cell.threat == "blackbox":
+                row["substitute_accuracy"] = accuracy(adv["pred_substitute"] == yc)
+                row["substitute_clean_accuracy"] = accuracy(adv["pred_substitute_clean"] == yc)
+                row["undefended_clean"] = accuracy(adv["pred_clean"] == yc)
+                row["protocol"] = self._blackbox_protocol(self._blackbox_substitute()[1])
             if cell.threat == "transfer":
                 row["substitute_accuracy"] = accuracy(adv["pred_substitute"] == yc)
                 row["transfer_method"] = c.transfer_method
@@ -445,7 +574,7 @@ class Evaluation:
             results["cells"].append(row)
             label = _label(row)
             artifacts["roc"][label] = (fpr, tpr, row["detection"]["auc"])
-            artifacts["grids"][label] = (self.x[:k], adv["x"][:k], _from_uint8(pur["image"][:k]))
+            artifacts["grids"][label] = (x0[:k], adv["x"][:k], _from_uint8(pur["image"][:k]))
 
         results["sweeps"] = self._sweeps()
         results["settings"] = self.settings()
@@ -468,9 +597,7 @@ class Evaluation:
         out = {"n": m, "attack": attack, "eps": c.sweep_eps, "L": [], "R": []}
         for axis, values in (("L", c.sweep_l), ("R", c.sweep_r)):
             for v in values:
-                pc = (self.pcfg.with_(steps=v) if axis == "L" else
-                      self.pcfg.with_(restarts=v, keep=min(self.pcfg.keep, v),
-                                      encoder_starts=min(self.pcfg.encoder_starts, v)))
+                pc = preset(self.pcfg, steps=v) if axis == "L" else preset(self.pcfg, restarts=v)
                 self.log(f"sweep {axis}={v} on {m} images")
                 point = {"value": v, "projection": asdict(pc)}
                 for set_name, x in sets.items():
@@ -504,7 +631,7 @@ def _from_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _label(row: dict) -> str:
-    name = {"oblivious": "", "transfer": "transfer ", "adaptive": "adaptive "}[row["threat"]]
+    name = {"oblivious": "", "transfer": "transfer ", "adaptive": "adaptive ", "blackbox": "black-box "}[row["threat"]]
     name += {"bpda": "BPDA+EOT PGD"}.get(row["attack"], row["attack"].upper())
     return name + (f" eps={row['eps']:g}" if row["eps"] is not None else "")
 

@@ -26,8 +26,9 @@ Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
   always recomputed in fp32, so lower precision steers the search but never mis-reports it.
   ``precision="auto"`` picks bf16 only where it is native (else it is emulated and slow).
 - ``compile=True``: ``torch.compile`` the step (forward + gradient); on CUDA with CUDA
-  graphs (``mode="reduce-overhead"``). ``channels_last=True`` converts the generator's
-  conv weights to channels-last once (values unchanged).
+  graphs (``mode="reduce-overhead"``). ``channels_last=True`` runs a channels-last copy of
+  the generator (made once per generator and kept while its weights are unchanged; a
+  generator already in channels-last, as the service's, is used as it is).
 - ``cuda_graph=True`` (CUDA only): capture the *whole* fixed-length search (all L steps,
   the pruning, the choice of the answer) as one CUDA graph per batch size and replay it, so
   a request costs one launch instead of thousands. The random starts (and E(x)) are drawn
@@ -39,19 +40,29 @@ best over those and the final iterate, so no speed-up can return a worse reconst
 than the restart it kept would have had at the step it was last scored.
 
 The generator's weights are never updated: gradients are taken with respect to z only.
+:func:`project` runs the generator (and encoder) in eval mode with frozen weights and puts
+every module's ``training`` and every weight's ``requires_grad`` back as it found them.
+
+Presets: ``PAPER`` and ``FAST`` below, by name in ``PRESETS``. :func:`preset` is the one
+place that turns a preset (or a config) and overrides into settings, and owns the rules
+that keep them runnable: a restarts override clamps ``keep`` and ``encoder_starts`` to the
+new R; a model without an encoder gets random starts only; ``latent_radius`` overrides the
+sphere (0: z unconstrained, as the paper).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import weakref
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
+from .errors import ConfigError, InvalidInputError
 
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -136,6 +147,38 @@ class ProjectionConfig:
 PAPER = ProjectionConfig()
 FAST = ProjectionConfig(steps=100, restarts=4, optimizer="adam", lr=0.1, prune_after=10, keep=1,
                         encoder_starts=1, precision="auto", latent_radius=1.0)
+PRESETS = {"paper": PAPER, "fast": FAST}
+SETTINGS = tuple(f.name for f in fields(ProjectionConfig))
+
+
+def preset(base: "str | ProjectionConfig" = "paper", *, has_encoder: bool = True,
+           **overrides) -> ProjectionConfig:
+    """Settings from a preset name (``PRESETS``) or a config, with ``overrides`` (a value of
+    None means "the preset's"), under the rules every caller shares:
+
+    - ``restarts=R`` clamps ``keep`` and ``encoder_starts`` to R unless they are given too
+      (FAST's one start at E(x) stays one of the R, whatever R is asked for);
+    - ``has_encoder=False`` (the model directory has no encoder): no start at E(x);
+    - ``latent_radius`` replaces the preset's sphere (0: z unconstrained, as the paper).
+
+    Unknown names and settings raise :class:`ConfigError`; bad values, the config's own
+    :class:`InvalidInputError`.
+    """
+    if isinstance(base, str):
+        if base not in PRESETS:
+            raise ConfigError(f"unknown projection preset {base!r}; choose one of {sorted(PRESETS)}")
+        base = PRESETS[base]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(changes) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown projection settings {unknown}; settings: {sorted(SETTINGS)}")
+    if "restarts" in changes:
+        r = changes["restarts"]
+        changes.setdefault("keep", min(base.keep, r))
+        changes.setdefault("encoder_starts", min(base.encoder_starts, r))
+    if not has_encoder:
+        changes["encoder_starts"] = 0
+    return base.with_(**changes) if changes else base
 
 
 @dataclass
@@ -276,18 +319,63 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
     ``generator`` and ``x`` must be on the same device; the device is the caller's choice.
     """
     device = x.device
+    if cfg.cuda_graph and device.type != "cuda":
+        raise InvalidInputError("cuda_graph needs a CUDA device")
     gen = _rng(cfg, device)
     if cfg.channels_last:
-        generator.to(memory_format=torch.channels_last)
+        generator = _channels_last(generator)
     cfg = cfg.with_(precision=resolve_precision(cfg.precision, device))
-    z0 = _initial_latents(generator, encoder, x, cfg, gen)           # (B, R, D)
-    if cfg.cuda_graph:
-        if device.type != "cuda":
-            raise InvalidInputError("cuda_graph needs a CUDA device")
-        return _project_graphed(generator, x, z0, cfg)
-    step_fn = _step_function(generator, cfg, device.type)
-    out_z, steps_run = _search(generator, step_fn, z0, x, cfg)
-    return Projection(*_reconstruct(generator, out_z, x), out_z, steps_run)
+    with _frozen(generator), _frozen(encoder):
+        z0 = _initial_latents(generator, encoder, x, cfg, gen)       # (B, R, D)
+        if cfg.cuda_graph:
+            return _project_graphed(generator, x, z0, cfg)
+        step_fn = _step_function(generator, cfg, device.type)
+        out_z, steps_run = _search(generator, step_fn, z0, x, cfg)
+        return Projection(*_reconstruct(generator, out_z, x), out_z, steps_run)
+
+
+@contextmanager
+def _frozen(module: nn.Module | None):
+    """Eval mode and no weight gradients for the call; each module's ``training`` and each
+    weight's ``requires_grad`` are put back afterwards, as the caller had them. Set on the
+    attributes, not through ``train()``: an exported program refuses a mode switch."""
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+# Channels-last copies of callers' generators (weakly: dropping the generator frees its copy),
+# with the weights' version counters at copy time, so an update made since forces a new copy.
+_CHANNELS_LAST: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _channels_last(generator: nn.Module) -> nn.Module:
+    """A channels-last generator with the caller's weights. Converting the caller's module in
+    place would change it under them; a copy made per call would hand a captured CUDA graph
+    weights that are freed after the call. So: the generator itself when it is channels-last
+    already, else one cached copy per generator."""
+    weights = [p for p in generator.parameters() if p.dim() == 4]
+    if all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
+        return generator
+    versions = tuple(p._version for p in generator.parameters())
+    cached = _CHANNELS_LAST.get(generator)
+    if cached is None or cached[0] != versions:
+        cached = (versions, copy.deepcopy(generator).to(memory_format=torch.channels_last))
+        _CHANNELS_LAST[generator] = cached
+    return cached[1]
 
 
 def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,

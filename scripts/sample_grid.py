@@ -17,11 +17,11 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from purifier import data  # noqa: E402
-from purifier.projection import FAST, PAPER  # noqa: E402
+from purifier.projection import preset  # noqa: E402
 
 
 def main(cache_dir: str, dataset: str, config: str, out: str, pairs: int = 16) -> None:
-    want = {"paper": PAPER, "fast": FAST}[config]
+    want = preset(config)
     for f in sorted(Path(cache_dir).glob("*.pt")):
         entry = torch.load(f, weights_only=True)
         meta = json.loads(entry["meta"])

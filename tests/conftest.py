@@ -34,6 +34,16 @@ def tiny_gen() -> Generator:
 
 
 @pytest.fixture
+def sharp_gen(tiny_gen) -> Generator:
+    """tiny_gen with its weights scaled x4 so that G(z) depends visibly on z (pixel std ~0.05
+    across z); the unscaled tiny generator is nearly constant in z."""
+    with torch.no_grad():
+        for p in tiny_gen.parameters():
+            p.mul_(4.0)
+    return tiny_gen
+
+
+@pytest.fixture
 def tiny_model_dir(tmp_path):
     """A model directory like models/<dataset>/ with a tiny generator, classifier, encoder."""
     d = tmp_path / "tiny-model"

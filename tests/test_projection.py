@@ -8,20 +8,10 @@ import math
 import pytest
 import torch
 
-from purifier.errors import InvalidInputError
-from purifier.projection import PAPER, ProjectionConfig, project
+from purifier.errors import ConfigError, InvalidInputError
+from purifier.projection import FAST, PAPER, PRESETS, ProjectionConfig, preset, project
 
 QUICK = ProjectionConfig(steps=30, restarts=3, seed=0)
-
-
-@pytest.fixture
-def sharp_gen(tiny_gen):
-    """tiny_gen with its weights scaled so that G(z) depends visibly on z (pixel std ~0.05
-    across z); the unscaled tiny generator is nearly constant in z."""
-    with torch.no_grad():
-        for p in tiny_gen.parameters():
-            p.mul_(4.0)
-    return tiny_gen
 
 
 def on_range(gen, n=6, seed=5):
@@ -120,3 +110,85 @@ def test_bad_settings_are_refused_with_a_reason(bad):
 def test_encoder_start_needs_an_encoder(tiny_gen):
     with pytest.raises(InvalidInputError, match="encoder"):
         project(tiny_gen, torch.rand(1, 1, 8, 8), QUICK.with_(encoder_starts=1))
+
+
+def test_project_leaves_the_callers_modules_as_it_found_them(sharp_gen):
+    from purifier.models import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(sharp_gen.latent_dim, 1, 8, 8, dim=4)  # trainable, in train mode
+    sharp_gen.train()
+    frozen = next(sharp_gen.parameters())
+    for p in sharp_gen.parameters():
+        p.requires_grad_(True)
+    frozen.requires_grad_(False)                         # a mixed state survives too
+    weights = [p.data_ptr() for p in sharp_gen.parameters()]
+    project(sharp_gen, torch.rand(2, 1, 8, 8), QUICK.with_(steps=3, encoder_starts=1, channels_last=True),
+            encoder=enc)
+    assert sharp_gen.training and all(m.training for m in sharp_gen.modules())
+    assert enc.training and all(p.requires_grad for p in enc.parameters())
+    assert [p.requires_grad for p in sharp_gen.parameters()] == [p is not frozen for p in sharp_gen.parameters()]
+    assert [p.data_ptr() for p in sharp_gen.parameters()] == weights   # no layout change in place
+    assert all(p.grad is None for p in (*sharp_gen.parameters(), *enc.parameters()))
+
+
+def test_project_runs_the_generator_in_eval_mode(sharp_gen):
+    modes = []
+    hook = sharp_gen.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    sharp_gen.train()
+    try:
+        project(sharp_gen, torch.rand(1, 1, 8, 8), QUICK.with_(steps=2))
+    finally:
+        hook.remove()
+    assert modes and not any(modes)
+
+
+def test_channels_last_gives_the_same_answer(sharp_gen):
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    plain = project(sharp_gen, x, QUICK.with_(steps=5))
+    cl = project(sharp_gen, x, QUICK.with_(steps=5, channels_last=True))
+    torch.testing.assert_close(cl.latents, plain.latents, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # an in-place weight update is seen by the next channels-last call
+        for p in sharp_gen.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(project(sharp_gen, x, QUICK.with_(steps=5, channels_last=True)).latents,
+                               project(sharp_gen, x, QUICK.with_(steps=5)).latents, atol=1e-5, rtol=1e-4)
+
+
+# --- presets ------------------------------------------------------------------------------
+
+def test_preset_names_and_none_overrides():
+    assert preset("paper") == PAPER and preset("fast") == FAST
+    assert set(PRESETS) >= {"paper", "fast"}
+    assert preset("fast", steps=None, restarts=None, seed=None, latent_radius=None) == FAST
+    assert preset("paper", steps=7, lr=0.5, seed=3) == PAPER.with_(steps=7, lr=0.5, seed=3)
+    assert preset(FAST.with_(steps=9), seed=1) == FAST.with_(steps=9, seed=1)   # a config as the base
+
+
+def test_preset_restarts_override_clamps_keep_and_encoder_starts():
+    cfg = FAST.with_(keep=3, restarts=6, encoder_starts=2)
+    assert preset(cfg, restarts=1) == cfg.with_(restarts=1, keep=1, encoder_starts=1)
+    assert preset(cfg, restarts=8) == cfg.with_(restarts=8)                  # only ever lowered
+    assert preset(cfg, restarts=2, keep=1) == cfg.with_(restarts=2, keep=1, encoder_starts=2)  # given wins
+
+
+def test_preset_without_an_encoder_starts_at_random_only():
+    assert FAST.encoder_starts == 1
+    assert preset("fast", has_encoder=False) == FAST.with_(encoder_starts=0)
+    assert preset("fast", has_encoder=False, restarts=2).encoder_starts == 0
+    assert preset("paper", has_encoder=False) == PAPER
+
+
+def test_preset_latent_radius_overrides_the_sphere():
+    assert FAST.latent_radius == 1.0 and PAPER.latent_radius == 0.0
+    assert preset("fast", latent_radius=0.0).latent_radius == 0.0          # 0 is a value, not "unset"
+    assert preset("paper", latent_radius=1.0).latent_radius == 1.0
+
+
+def test_preset_refuses_unknown_names_and_settings_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown projection preset 'slow'"):
+        preset("slow")
+    with pytest.raises(ConfigError, match="unknown projection settings \\['stepz'\\]"):
+        preset("paper", stepz=3)
+    with pytest.raises(InvalidInputError, match="restarts must be >= 1"):
+        preset("fast", restarts=0)

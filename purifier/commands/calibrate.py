@@ -7,6 +7,8 @@ HELP = ("pick the detection threshold for a target false-positive rate on clean 
 
 
 def add_arguments(p) -> None:
+    from ..projection import PRESETS
+
     p.add_argument("model_dir", help="model directory whose card.json gets the threshold")
     add_data(p, default=None)
     add_device(p)
@@ -15,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--holdout", type=int, default=5000,
                    help="draw the images from the last HOLDOUT of the training split (the usual "
                         "validation slice; the test split stays for `purifier eval`)")
-    p.add_argument("--projection", choices=["paper", "fast"], default="paper",
+    p.add_argument("--projection", choices=sorted(PRESETS), default="paper",
                    help="projection preset; use the settings the service will run")
     p.add_argument("--steps", type=int, default=None, help="override the preset's L")
     p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
@@ -31,7 +33,7 @@ def run(args) -> int:
 
     from .. import checkpoint, data, detection
     from ..errors import ConfigError
-    from ..evaluate import EvalConfig
+    from ..projection import preset
 
     if not 0 <= args.target_fpr < 1:
         raise ConfigError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
@@ -42,8 +44,8 @@ def run(args) -> int:
     dataset = args.dataset or bundle.card.get("dataset")
     if dataset is None:
         raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset")
-    cfg = EvalConfig(model_dir=args.model_dir, out_dir="", projection=args.projection, steps=args.steps,
-                     restarts=args.restarts, latent_radius=args.latent_radius).projection_config(bundle.encoder is not None)
+    cfg = preset(args.projection, has_encoder=bundle.encoder is not None, steps=args.steps,
+                 restarts=args.restarts, latent_radius=args.latent_radius)
     train = data.load(dataset, "train", args.data_dir)
     held = data.Split(train.images[-args.holdout:], train.labels[-args.holdout:], train.source)
     val = data.subset(held, args.n, args.seed)

@@ -10,7 +10,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "fashion-mn
 
 
 def add_projection_arguments(p) -> None:
-    p.add_argument("--projection", default="paper", choices=["paper", "fast"],
+    from ..projection import PRESETS
+
+    p.add_argument("--projection", default="paper", choices=sorted(PRESETS),
                    help="preset: paper (L=200, R=10, momentum SGD) or fast (see README, Speed)")
     p.add_argument("--steps", type=int, default=None, help="L, gradient steps (overrides the preset)")
     p.add_argument("--restarts", type=int, default=None, help="R, random restarts (overrides the preset)")
@@ -19,13 +21,11 @@ def add_projection_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="fixed seed (default: fresh randomness)")
 
 
-def projection_config(args):
-    from ..projection import FAST, PAPER
+def projection_config(args, has_encoder: bool = True):
+    from ..projection import preset
 
-    cfg = FAST if args.projection == "fast" else PAPER
-    changes = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "optimizer", "seed")
-               if getattr(args, k) is not None}
-    return cfg.with_(**changes)
+    return preset(args.projection, has_encoder=has_encoder,
+                  **{k: getattr(args, k) for k in ("steps", "restarts", "lr", "optimizer", "seed")})
 
 
 def add_arguments(p) -> None:
@@ -45,10 +45,8 @@ def run(args) -> int:
 
     device = resolve_device(args)
     try:
-        cfg = projection_config(args)
         bundle = load_bundle(args.model_dir, device)
-        if cfg.encoder_starts and bundle.encoder is None:
-            cfg = cfg.with_(encoder_starts=0)
+        cfg = projection_config(args, has_encoder=bundle.encoder is not None)
         summary = purify_files(bundle, args.inputs, args.out, cfg, args.batch_size, device,
                                progress=not args.no_progress)
     except PurifierError as exc:

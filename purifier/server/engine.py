@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from .. import checkpoint, projection, validation
+from ..projection import preset
 from ..errors import InvalidInputError, ModelLoadError
-
-PRESETS = {"paper": projection.PAPER, "fast": projection.FAST}
 
 
 @dataclass(frozen=True)
@@ -34,19 +33,17 @@ class Engine:
         self.bundle = bundle
         self.device = torch.device(device)
         self.limits = limits
-        if default.encoder_starts and bundle.encoder is None:
-            default = default.with_(encoder_starts=0)  # FAST starts at E(x) only when there is an encoder
-        self.default = default
+        self.default = preset(default, has_encoder=bundle.encoder is not None)
         if cuda_graphs == "on" and self.device.type != "cuda":
             raise ModelLoadError("--cuda-graphs on needs a CUDA device")
         # On CUDA the default projection replays as one captured graph per batch-size bucket
         # (measured on an H200: batch-1 p50 17 ms against 217 ms eager, docs/speed.md); requests
         # that change steps or restarts, and early stopping, run eagerly.
-        self.graphs = self.device.type == "cuda" and cuda_graphs != "off" and not default.early_stop_tol
+        self.graphs = self.device.type == "cuda" and cuda_graphs != "off" and not self.default.early_stop_tol
         if self.graphs:
             torch.backends.cudnn.benchmark = True  # shapes are fixed per bucket
             bundle.generator.to(memory_format=torch.channels_last)  # once, not per request
-            self._graph_cfg = default.with_(cuda_graph=True)
+            self._graph_cfg = self.default.with_(cuda_graph=True)
         # Captured batch sizes: powers of two up to the batch limit, and the limit itself.
         self.buckets = sorted({min(2 ** k, limits.max_batch_size)
                                for k in range(max(limits.max_batch_size - 1, 1).bit_length() + 1)})
@@ -57,10 +54,9 @@ class Engine:
     @classmethod
     def load(cls, model_dir, device: str = "cpu", projection: str = "paper", limits: Limits = Limits(),
              cuda_graphs: str = "auto") -> "Engine":
-        if projection not in PRESETS:
-            raise ModelLoadError(f"unknown projection preset {projection!r}; choose one of {sorted(PRESETS)}")
+        default = preset(projection)  # an unknown name fails before the weights load
         bundle = checkpoint.load_bundle(model_dir, device)
-        return cls(bundle, device, PRESETS[projection], limits, cuda_graphs)
+        return cls(bundle, device, default, limits, cuda_graphs)
 
     def bucket(self, n: int) -> int:
         """The captured batch size a batch of n runs at: the next power of two, capped."""
@@ -89,17 +85,7 @@ class Engine:
             problems.append(f"steps must be >= 0, got {steps}")
         if problems:
             raise InvalidInputError("; ".join(problems))
-        cfg = self.default
-        changes = {}
-        if steps is not None:
-            changes["steps"] = steps
-        if restarts is not None:
-            changes["restarts"] = restarts
-            changes["encoder_starts"] = min(cfg.encoder_starts, restarts)
-            changes["keep"] = min(cfg.keep, restarts)
-        if seed is not None:
-            changes["seed"] = int(seed)
-        return cfg.with_(**changes) if changes else cfg
+        return preset(self.default, steps=steps, restarts=restarts, seed=None if seed is None else int(seed))
 
     def validate(self, images) -> torch.Tensor:
         """Array or tensor (B, C, H, W), float in [0, 1] or uint8 -> float32 (B, C, H, W) on the CPU."""

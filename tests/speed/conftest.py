@@ -1,4 +1,4 @@
-"""Fixtures for the speed-up tests: a tiny generator whose output depends visibly on z."""
+"""Fixtures for the speed-up tests (``sharp_gen`` is shared, in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,6 @@ import math
 
 import pytest
 import torch
-
-
-@pytest.fixture
-def sharp_gen(tiny_gen):
-    """tiny_gen with weights scaled x4 (pixel std ~0.05 across z; unscaled it is nearly constant)."""
-    with torch.no_grad():
-        for p in tiny_gen.parameters():
-            p.mul_(4.0)
-    return tiny_gen
 
 
 @pytest.fixture

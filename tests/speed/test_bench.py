@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from purifier import checkpoint
-from purifier.bench import BenchSettings, fgsm, paired, parse_config, run_bench
+from purifier.bench import BenchSettings, paired, parse_config, run_bench
 from purifier.data import Split
 from purifier.projection import FAST, PAPER
 
@@ -21,8 +21,10 @@ def test_parse_config_presets_and_overrides():
     assert cfg == FAST.with_(steps=7, precision="bf16", encoder_starts=0, compile=True, lr=0.1)
     with pytest.raises(ValueError, match="unknown projection setting"):
         parse_config("x=paper:stepz=3")
-    with pytest.raises(ValueError, match="unknown base"):
+    with pytest.raises(ValueError, match="unknown projection preset 'slow'"):
         parse_config("x=slow")
+    # a restarts override keeps the preset runnable: FAST's one E(x) start and its kept restart fit in R
+    assert parse_config("r1=fast:restarts=1")[1] == FAST.with_(restarts=1)
 
 
 def test_paired_interval():
@@ -31,17 +33,6 @@ def test_paired_interval():
     assert out["mean"] == 0 and out["n"] == 100
     lo, hi = out["ci95"]
     assert lo < 0 < hi and hi == pytest.approx(1.96 * d.std().item() / 10)
-
-
-def test_fgsm_raises_the_loss_and_stays_in_range():
-    torch.manual_seed(0)
-    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    adv = fgsm(clf, x, y, 0.1)
-    assert adv.min() >= 0 and adv.max() <= 1
-    assert (adv - x).abs().max() <= 0.1 + 1e-6
-    ce = torch.nn.functional.cross_entropy
-    assert ce(clf(adv), y) > ce(clf(x), y)
 
 
 def test_whole_bench_on_the_tiny_model_with_cache(tiny_model_dir, tmp_path):
@@ -73,11 +64,27 @@ def test_whole_bench_on_the_tiny_model_with_cache(tiny_model_dir, tmp_path):
         assert all(a[n]["accuracy"] == b[n]["accuracy"] and a[n]["mean_error"] == b[n]["mean_error"] for n in a)
 
 
-def test_bench_fgsm_is_the_tested_attack():
-    from purifier import attacks, bench
-    from purifier.models import Classifier
+def test_bench_attacks_with_the_tested_fgsm(tiny_model_dir, monkeypatch):
+    """The fgsm condition's inputs are attacks.fgsm's (the ART-tested attack `purifier eval`
+    uses), at the bench's eps, and its undefended accuracy is measured on them."""
+    from purifier import attacks, data
 
-    torch.manual_seed(0)
-    clf = Classifier("D", 1, 8, 8).eval()
-    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    torch.testing.assert_close(bench.fgsm(clf, x, y, 0.3), attacks.fgsm(clf, x, y, 0.3))
+    calls, made = [], []
+
+    def spy(clf, x, y, eps):
+        calls.append(eps)
+        made.append(real(clf, x, y, eps))
+        return made[-1]
+    real = attacks.fgsm
+    monkeypatch.setattr(attacks, "fgsm", spy)
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g), "fake")
+    settings = BenchSettings(configs=[parse_config("ref=paper:steps=1,restarts=1")], speed_images=0,
+                             quality_images=16, eps=0.2, conditions=("fgsm",))
+    out = run_bench(bundle, split, settings, "cpu", "tiny", log=lambda m: None)
+    assert calls == [0.2]
+    y = data.subset(split, 16, seed=0).labels
+    with torch.no_grad():
+        expected = (bundle.classifier(made[0]).argmax(1) == y).float().mean().item()
+    assert out["quality"]["fgsm"]["undefended_accuracy"] == expected
