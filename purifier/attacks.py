@@ -11,6 +11,11 @@ adversarial images in [0, 1] and never changes the model's weights.
 - :class:`BPDAPurifier` + :func:`bpda_eot_pgd`: the adaptive attack on the whole defense
   (Athalye, Carlini & Wagner 2018): forward through the projection, backward as the identity
   (BPDA), the gradient averaged over several independent projections (EOT).
+- :func:`papernot_substitute` + :func:`jacobian_augmentation`: the black-box attacker of
+  Papernot et al. 2017 as the original Defense-GAN code runs it (kabkabm/defensegan
+  ``blackbox.py`` on cleverhans 2): a substitute trained only on labels queried from the
+  defended model, its training set grown by Jacobian-based augmentation; FGSM is then
+  crafted on the substitute (:func:`fgsm` with the substitute's own predictions as labels).
 
 Why not IBM ART at run time: its estimators work on numpy batches on the host, its CW-L2
 is far slower than this one, and it has no BPDA through our projection. The tests check
@@ -166,3 +171,79 @@ def bpda_eot_pgd(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y
         gen = torch.Generator(device=x.device).manual_seed(seed)
     return pgd_linf(model, x, y, eps, steps=steps, step_size=step_size, random_start=True,
                     generator=gen, eot_samples=eot_samples)
+
+
+# --- the black-box substitute (Papernot et al. 2017) ---------------------------------------
+
+def jacobian_augmentation(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, lam: float,
+                          batch_size: int = 512) -> torch.Tensor:
+    """The new points of one augmentation: x + lam * sign(d softmax(model(x))[label] / dx) (N, C, H, W).
+
+    As cleverhans 2's ``jacobian_augmentation`` with the Defense-GAN models (which end in a
+    softmax): the Jacobian of the substitute's *probability* of the oracle's label, and the new
+    points are not clipped to [0, 1]. Where that probability saturates in float32 the gradient
+    is exactly 0 and the "new" point repeats the old one, as in the original.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size].detach().requires_grad_(True)               # (b, C, H, W)
+        with torch.enable_grad():
+            probs = torch.softmax(model(xb), dim=1)                          # (b, K)
+            # Each row depends on its own input only (no batch norm), so one backward of the
+            # sum gives every point's own gradient.
+            picked = probs.gather(1, labels[s:s + batch_size].view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(picked, xb)
+        out.append((xb + lam * grad.sign()).detach())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
+                 lr: float, generator: torch.Generator) -> None:
+    """``epochs`` passes of Adam on cross-entropy over (x, y), shuffled by ``generator``, dropout
+    on; a fresh optimizer per call (cleverhans' ``model_train`` builds a new one each round)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=generator).to(x.device)
+        for s in range(0, len(y), batch_size):
+            idx = perm[s:s + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def papernot_substitute(model: nn.Module, oracle, x0: torch.Tensor, y0: torch.Tensor, rounds: int = 6,
+                        lam: float = 0.1, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
+                        seed: int = 0, log=None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Train ``model`` (untrained, the substitute's architecture) as Papernot et al.'s substitute.
+
+    ``x0`` (N0, C, H, W) is the attacker's own data with labels ``y0`` (N0,); ``oracle(x, round)``
+    returns the black box's labels (N,) for new points x. Each of ``rounds`` rounds trains the
+    substitute for ``epochs`` epochs on the set so far; between rounds the set doubles by
+    :func:`jacobian_augmentation` of every point and the oracle labels the new half. So the
+    oracle answers N0 * (2^(rounds-1) - 1) queries here and the last round trains on
+    N0 * 2^(rounds-1) points (150 and 6 rounds: 4,650 and 4,800). The weights carry over
+    between rounds (the original's ``init_all=False``). Returns (substitute in eval mode, the
+    final training set, its labels).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    gen = torch.Generator().manual_seed(seed)
+    devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+    x, y = x0.detach(), y0.detach()
+    with torch.random.fork_rng(devices=devices):   # dropout draws, seeded, the caller's RNG untouched
+        torch.manual_seed(seed)
+        for rnd in range(rounds):
+            train_epochs(model, x, y, epochs, batch_size, lr, gen)
+            if log:
+                log(f"substitute round {rnd + 1}/{rounds}: trained on {len(y)} points")
+            if rnd < rounds - 1:
+                new = jacobian_augmentation(model, x, y, lam)                # (N, C, H, W)
+                labels = oracle(new, rnd).to(y.device, torch.int64)          # (N,)
+                x, y = torch.cat([x, new]), torch.cat([y, labels])
+    return model.eval(), x, y

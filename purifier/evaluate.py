@@ -243,6 +243,8 @@ def _proj_tag(cfg: ProjectionConfig) -> str:
         tag += f"-tol{cfg.early_stop_tol:g}"
     if cfg.latent_radius:
         tag += f"-sphere{cfg.latent_radius:g}"
+    if cfg.select != "best":
+        tag += f"-select{cfg.select}"   # the original's answer at the last step
     return tag
 
 

@@ -35,9 +35,13 @@ Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
   outside the graph and copied in, so restarts stay fresh per call. No early stopping
   (it needs host syncs); elsewhere the result is the eager loop's.
 
-Every latent's best-so-far (error, z) is tracked at every step, and the answer is the
-best over those and the final iterate, so no speed-up can return a worse reconstruction
-than the restart it kept would have had at the step it was last scored.
+``select="last"`` (the ``ORIGINAL`` preset) answers as the original Defense-GAN code does
+(kabkabm/defensegan ``models/gan.py``): each restart's iterate at the last step's forward
+(after L-1 updates; the L-th update is never looked at), the restart with the lowest error
+there wins. By default (``select="best"``) every latent's best-so-far (error, z) is tracked
+at every step, and the answer is the best over those and the final iterate, so no speed-up
+can return a worse reconstruction than the restart it kept would have had at the step it was
+last scored.
 
 The generator's weights are never updated: gradients are taken with respect to z only.
 :func:`project` runs the generator (and encoder) in eval mode with frozen weights and puts
@@ -65,6 +69,7 @@ from torch import nn
 from .errors import ConfigError, InvalidInputError
 
 OPTIMIZERS = ("sgd", "adam")
+SELECTS = ("best", "last")
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
@@ -107,6 +112,7 @@ class ProjectionConfig:
     channels_last: bool = False
     latent_radius: float = 0.0  # > 0: keep every z on the sphere ||z|| = radius * sqrt(latent_dim)
     cuda_graph: bool = False  # CUDA: replay the whole search as one captured graph
+    select: str = "best"      # "best": best-so-far over all steps; "last": the original's last step
 
     def __post_init__(self):
         problems = []
@@ -130,6 +136,8 @@ class ProjectionConfig:
             problems.append("early_stop_tol must be >= 0 and check_every >= 1")
         if self.cuda_graph and (self.compile or self.early_stop_tol):
             problems.append("cuda_graph captures the eager loop: it excludes compile and early stopping")
+        if self.select not in SELECTS:
+            problems.append(f"select must be one of {SELECTS}, got {self.select!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if problems:
@@ -147,7 +155,10 @@ class ProjectionConfig:
 PAPER = ProjectionConfig()
 FAST = ProjectionConfig(steps=100, restarts=4, optimizer="adam", lr=0.1, prune_after=10, keep=1,
                         encoder_starts=1, precision="auto", latent_radius=1.0)
-PRESETS = {"paper": PAPER, "fast": FAST}
+# The original code's reconstruction exactly (../shared/notes/original-defensegan.md): PAPER's
+# settings, but the answer is read at the last step instead of the best step seen.
+ORIGINAL = PAPER.with_(select="last")
+PRESETS = {"paper": PAPER, "fast": FAST, "original": ORIGINAL}
 SETTINGS = tuple(f.name for f in fields(ProjectionConfig))
 
 
@@ -403,9 +414,12 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
     for step in range(cfg.steps):
         err, grad = step_fn(z, target)                               # (N,), (N, D)
         with torch.no_grad():
-            better = err < best_err                                  # error of z *before* this step
-            best_err = torch.where(better, err, best_err)
-            best_z = torch.where(better.unsqueeze(1), z, best_z)
+            if cfg.select == "last":   # the original: only the last forward counts
+                best_err, best_z = err, z
+            else:
+                better = err < best_err                              # error of z *before* this step
+                best_err = torch.where(better, err, best_err)
+                best_z = torch.where(better.unsqueeze(1), z, best_z)
             if cfg.optimizer == "sgd":
                 state1.mul_(cfg.momentum).add_(grad)
                 z = z - cfg.lr * state1
@@ -436,7 +450,8 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                 n_done = int(done.sum())                             # the one host sync per check
                 if n_done:
                     rows = done.repeat_interleave(R)                 # (b*R,)
-                    zs, _ = _settle(generator, best_z[rows], best_err[rows], z[rows], target[rows],
+                    zs, _ = _settle(generator, best_z[rows], best_err[rows],
+                                    (best_z if cfg.select == "last" else z)[rows], target[rows],
                                     n_done, R, rescore)
                     out_z[images_left[done]] = zs
                     keep_rows = ~rows
@@ -447,6 +462,8 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                         break
             last_check = best_err.clone()
 
+    if cfg.select == "last" and steps_run:
+        z = best_z   # the last scored iterate: the original never looks at the L-th update
     with torch.no_grad():
         if cfg.early_stop_tol:
             if images_left.numel():

@@ -51,7 +51,8 @@ def _acc(a: dict | None) -> str:
 
 
 THREAT_TITLES = {"clean": "none (clean)", "oblivious": "white-box, defense-oblivious",
-                 "transfer": "black-box transfer", "adaptive": "adaptive (BPDA+EOT)"}
+                 "transfer": "black-box transfer", "adaptive": "adaptive (BPDA+EOT)",
+                 "blackbox": "black-box, paper protocol (Papernot substitute)"}
 
 
 def markdown_table(results: dict) -> str:
@@ -76,6 +77,16 @@ def markdown_table(results: dict) -> str:
             r["attack"], r["attack"].upper())
         lines.append(f"| {THREAT_TITLES[r['threat']]} | {attack} | {eps} | {r['n']} | "
                      f"{_acc(r['undefended'])} | {_acc(r['purified'])} | {auc} |")
+    blackbox = [r for r in results["cells"] if r["threat"] == "blackbox"]
+    if blackbox:
+        b = blackbox[0]["protocol"]
+        first = "the defended model's" if b["holdout_labels"] == "defended" else "true"
+        lines += ["", f"Paper black-box protocol: substitute {b['substitute_arch']} trained on "
+                      f"{b['attacker_images']} with {first} labels, grown to {b['training_points']} points by "
+                      f"Jacobian augmentation (lambda {b['lambda']:g}, {b['rounds']} rounds of "
+                      f"{b['epochs_per_round']} epochs), every new point labelled by the defended model "
+                      f"({b['oracle_queries']} queries); FGSM on the substitute, measured on {b['measured_images']}. "
+                      f"Substitute accuracy on those clean images: {_acc(blackbox[0]['substitute_clean_accuracy'])}."]
     adaptive = [r for r in results["cells"] if r["threat"] == "adaptive"]
     if adaptive:
         a = adaptive[0]["settings"]
@@ -137,12 +148,14 @@ def accuracy_vs_eps(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for color, (threat, attack, style) in enumerate((("oblivious", "fgsm", "o"), ("oblivious", "pgd", "s"),
-                                                     ("transfer", None, "^"), ("adaptive", "bpda", "D"))):
+                                                     ("transfer", None, "^"), ("adaptive", "bpda", "D"),
+                                                     ("blackbox", None, "v"))):
         rows = sorted((r for r in results["cells"] if r["threat"] == threat and r["eps"] is not None
                        and (attack is None or r["attack"] == attack)), key=lambda r: r["eps"])
         if not rows:
             continue
-        name = {"transfer": "transfer", "adaptive": "BPDA+EOT"}.get(threat) or attack.upper()
+        name = {"transfer": "transfer", "adaptive": "BPDA+EOT", "blackbox": "paper black-box"}.get(threat) \
+            or attack.upper()
         eps = [r["eps"] for r in rows]
         series = [("purified", "-", "purified")]
         if threat != "adaptive":

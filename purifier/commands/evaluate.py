@@ -14,7 +14,7 @@ def _list(kind):
 
 
 def add_arguments(p) -> None:
-    from ..evaluate import ATTACKS, EvalConfig as C
+    from ..evaluate import ATTACKS, PROJECTIONS, EvalConfig as C
 
     p.add_argument("model_dir", help="model directory (generator + classifier), e.g. models/mnist")
     add_data(p, default=None)
@@ -24,8 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attacks", type=_list(str), default=C.attacks,
                    help=f"comma-separated, from {','.join(ATTACKS)} (default: all)")
     p.add_argument("--eps", type=_list(float), default=C.eps, help="L-inf budgets on [0, 1], comma-separated")
-    p.add_argument("--projection", choices=["paper", "fast"], default=C.projection,
-                   help="projection preset (paper: L=200 R=10 SGD; fast: see README, 'Speed')")
+    p.add_argument("--projection", choices=sorted(PROJECTIONS), default=C.projection,
+                   help="projection preset (paper: L=200 R=10 SGD; original: paper answering at the last "
+                        "step, as the original code; fast: see README, 'Speed')")
     p.add_argument("--steps", type=int, default=None, help="override the preset's L")
     p.add_argument("--restarts", type=int, default=None, help="override the preset's R")
     p.add_argument("--latent-radius", type=float, default=None,
@@ -46,6 +47,20 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep-n", type=int, default=C.sweep_n, help="images per sweep point")
     p.add_argument("--sweep-attack", choices=["fgsm", "pgd"], default=C.sweep_attack)
     p.add_argument("--sweep-eps", type=float, default=C.sweep_eps)
+    p.add_argument("--blackbox-holdout", type=int, default=C.blackbox_holdout,
+                   help="blackbox: the attacker's test images (the first ones, file order)")
+    p.add_argument("--blackbox-n", type=int, default=C.blackbox_n,
+                   help="blackbox: test images after the holdout that are attacked and measured")
+    p.add_argument("--blackbox-rounds", type=int, default=C.blackbox_rounds,
+                   help="blackbox: substitute training rounds (the set doubles between rounds)")
+    p.add_argument("--blackbox-lambda", type=float, default=C.blackbox_lambda,
+                   help="blackbox: Jacobian augmentation step")
+    p.add_argument("--blackbox-epochs", type=int, default=C.blackbox_epochs, help="blackbox: epochs per round")
+    p.add_argument("--blackbox-arch", choices=["A", "B", "C", "D"], default=C.blackbox_arch,
+                   help="blackbox: substitute architecture")
+    p.add_argument("--blackbox-labels", choices=["defended", "true"], default=C.blackbox_labels,
+                   help="blackbox: labels of the held-out images: the defended model's answers, or the "
+                        "true ones (as the original script); new points are always labelled by the defended model")
     p.add_argument("--batch-size", type=int, default=C.batch_size, help="images per projection call / cached chunk")
     p.add_argument("--adaptive-batch", type=int, default=C.adaptive_batch, help="images per cached BPDA chunk")
     p.add_argument("--seed", type=int, default=C.seed)
@@ -64,7 +79,10 @@ def config_from_args(args):
         cw_search_steps=args.cw_search_steps, transfer_method=args.transfer_method,
         substitute=args.substitute, n_adaptive=args.n_adaptive, adaptive_steps=args.adaptive_steps,
         eot_samples=args.eot_samples, sweep_l=args.sweep_l, sweep_r=args.sweep_r, sweep_n=args.sweep_n,
-        sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, batch_size=args.batch_size,
+        sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, blackbox_holdout=args.blackbox_holdout,
+        blackbox_n=args.blackbox_n, blackbox_rounds=args.blackbox_rounds, blackbox_lambda=args.blackbox_lambda,
+        blackbox_epochs=args.blackbox_epochs, blackbox_arch=args.blackbox_arch,
+        blackbox_labels=args.blackbox_labels, batch_size=args.batch_size,
         adaptive_batch=args.adaptive_batch, seed=args.seed, n_show=args.n_show, device=resolve_device(args))
 
 

@@ -40,7 +40,8 @@ def _config(model_dir, data_dir, out, substitute, **changes) -> EvalConfig:
                     n=10, eps=(0.1, 0.3), steps=3, restarts=2, projection="paper", pgd_steps=3,
                     cw_steps=5, cw_search_steps=2, substitute=str(substitute), n_adaptive=4,
                     adaptive_steps=2, eot_samples=2, sweep_l=(1, 3), sweep_r=(1, 2), sweep_n=6,
-                    batch_size=4, adaptive_batch=2, seed=1)
+                    batch_size=4, adaptive_batch=2, blackbox_holdout=6, blackbox_n=8, blackbox_rounds=2,
+                    blackbox_epochs=1, blackbox_arch="D", seed=1)
     settings.update(changes)
     return EvalConfig(**settings)
 
@@ -70,9 +71,10 @@ def test_eval_writes_results_table_and_figures_and_resumes(tiny_model_dir, tiny_
     kinds = {(c["threat"], c["attack"], c["eps"]) for c in saved["cells"]}
     assert kinds == {("oblivious", "fgsm", 0.1), ("oblivious", "fgsm", 0.3), ("oblivious", "pgd", 0.1),
                      ("oblivious", "pgd", 0.3), ("oblivious", "cw", None), ("transfer", "fgsm", 0.1),
-                     ("transfer", "fgsm", 0.3), ("adaptive", "bpda", 0.1), ("adaptive", "bpda", 0.3)}
+                     ("transfer", "fgsm", 0.3), ("adaptive", "bpda", 0.1), ("adaptive", "bpda", 0.3),
+                     ("blackbox", "fgsm", 0.1), ("blackbox", "fgsm", 0.3)}
     for cell in saved["cells"]:
-        n = 4 if cell["threat"] == "adaptive" else 10
+        n = {"adaptive": 4, "blackbox": 8}.get(cell["threat"], 10)
         for key in ("undefended", "purified"):
             acc = cell[key]
             assert acc["n"] == n and acc["correct"] == round(acc["accuracy"] * n)
