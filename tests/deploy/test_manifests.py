@@ -19,6 +19,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SIDECAR = ROOT / "deploy" / "kubernetes" / "sidecar-deployment.yaml"
+SIDECAR_GPU = ROOT / "deploy" / "kubernetes" / "sidecar-deployment-gpu.yaml"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -61,10 +62,27 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_compose_has_the_three_services(compose):
-    assert set(compose["services"]) == {"classifier", "purifier", "prometheus"}
-    for name in ("classifier", "purifier"):
-        assert compose["services"][name]["build"]["context"] == "."
+def test_compose_has_the_three_services_and_a_gpu_profile(compose):
+    services = compose["services"]
+    assert {n for n, svc in services.items() if not svc.get("profiles")} == {"classifier", "purifier", "prometheus"}
+    assert {n for n, svc in services.items() if "gpu" in svc.get("profiles", [])} == {"purifier-gpu"}
+    for name in ("classifier", "purifier", "purifier-gpu"):
+        assert services[name]["build"]["context"] == "."
+
+
+def test_compose_gpu_service_is_the_cuda_image_on_a_gpu(compose):
+    cpu, gpu = compose["services"]["purifier"], compose["services"]["purifier-gpu"]
+    purifier = parse(gpu["command"])
+    assert purifier.device == "cuda"
+    assert gpu["build"]["args"]["VARIANT"] == "cuda" and cpu["build"]["args"]["VARIANT"] == "cpu"
+    assert gpu["image"] != cpu["image"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    # both can run at once: no host port in common
+    host = lambda svc: {str(p).rsplit(":", 1)[0] for p in svc["ports"]}  # noqa: E731
+    assert not host(cpu) & host(gpu)
+    assert host_port(purifier.downstream) == ("classifier", parse(compose["services"]["classifier"]["command"]).port)
+    assert_real_settings(resolve_env(gpu["environment"]))
 
 
 def test_compose_purifier_forwards_to_the_classifier_service(compose):
@@ -104,19 +122,20 @@ def test_compose_environment_names_real_settings(compose):
 
 
 def test_prometheus_scrapes_purifier_metrics_port(compose):
-    purifier = parse(compose["services"]["purifier"]["command"])
+    expected = {f"{name}:{parse(compose['services'][name]['command']).metrics_port}"
+                for name in ("purifier", "purifier-gpu")}
     config = yaml.safe_load(PROMETHEUS.read_text())
     targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == [f"purifier:{purifier.metrics_port}"]
+    assert sorted(targets) == sorted(expected)
     volume = compose["services"]["prometheus"]["volumes"][0]
     assert (ROOT / volume.split(":")[0]).resolve() == PROMETHEUS
 
 
 # --- Kubernetes sidecar Deployment ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sidecar() -> tuple[dict, dict]:
-    docs = {doc["kind"]: doc for doc in load_all(SIDECAR)}
+@pytest.fixture(scope="module", params=[SIDECAR, SIDECAR_GPU], ids=["cpu", "gpu"])
+def sidecar(request) -> tuple[dict, dict]:
+    docs = {doc["kind"]: doc for doc in load_all(request.param)}
     assert set(docs) == {"Deployment", "Service"}
     return docs["Deployment"], docs["Service"]
 
@@ -288,6 +307,21 @@ def test_kserve_predictor_serves_the_model_the_transformer_forwards(isvc):
     (port,) = container["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == server.port
     assert server.model_name == isvc["metadata"]["name"]
+
+
+def test_gpu_sidecar_runs_purifier_on_a_gpu():
+    docs = {doc["kind"]: doc for doc in load_all(SIDECAR_GPU)}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = containers_by_name(pod)["purifier"]
+    assert "--device" not in container["args"] or parse(container["args"]).device == "cuda"
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert container["image"].endswith("-cuda")
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    # CPU and GPU Deployments can live in one namespace
+    cpu = {doc["kind"]: doc for doc in load_all(SIDECAR)}
+    for kind in ("Deployment", "Service"):
+        assert docs[kind]["metadata"]["name"] != cpu[kind]["metadata"]["name"]
+    assert docs["Service"]["spec"]["selector"] != cpu["Service"]["spec"]["selector"]
 
 
 def test_every_model_dir_is_a_shipped_model(compose, sidecar, isvc):
