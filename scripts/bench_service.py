@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from purifier import checkpoint  # noqa: E402
 from purifier.models import Generator  # noqa: E402
 from purifier.projection import PAPER  # noqa: E402
-from purifier.server.engine import Engine, Limits  # noqa: E402
+from purifier.engine import Engine, Limits  # noqa: E402
 
 
 def free_port() -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
@@ -15,11 +13,9 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(args) -> str:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if args.device:
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..hardware import choose_device
+
+    return choose_device(args.device, getattr(args, "threads", None))
 
 
 def add_data(p: argparse.ArgumentParser, default: str = "fashion-mnist") -> None:

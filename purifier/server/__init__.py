@@ -1,7 +1,6 @@
-"""The gRPC service around the core library.
+"""The gRPC transport around the serving engine (``purifier.engine``: the compute, the
+limits, the batcher, no gRPC).
 
-- ``engine``: the data plane's compute (load, validate, project, classify); no gRPC.
-- ``batching``: merges concurrent requests into one projection batch.
 - ``dataplane``: what both APIs call (purify, classify, forward); no gRPC servicer code.
 - ``codec``: tensors <-> bytes (raw little-endian, V2 contents, PNG/JPEG).
 - ``downstream``: the V2 gRPC client to the classifier behind us.

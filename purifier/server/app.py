@@ -17,19 +17,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..engine import Batcher, Engine, Limits, choose_device
 from ..proto import POOL
 from ..proto.inference import grpc_service_pb2_grpc as v2_grpc
 from ..proto.purifier.v1 import purifier_pb2_grpc
 from ..settings import ServeSettings
 from . import codec, logs
-from .batching import Batcher
 from .dataplane import DataPlane
 from .downstream import Downstream
-from .engine import Engine, Limits
 from .metrics import Metrics
 from .purifier_servicer import PurifierServicer
 from .v2_servicer import V2Servicer
@@ -39,10 +37,6 @@ log = logging.getLogger("purifier.server")
 SERVICES = ("purifier.v1.Purifier", "inference.GRPCInferenceService")
 # Reflection reads our private descriptor pool; the health service's file joins it there.
 POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
-
-
-def resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -75,13 +69,11 @@ class Server:
     async def start(self) -> "Server":
         s = self.settings
         loop = asyncio.get_running_loop()
-        device = resolve_device(s.device)
-        if s.threads:
-            torch.set_num_threads(s.threads)
+        device = choose_device(s.device, s.threads)
         limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts)
         engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits,
                                             s.cuda_graphs)
-        self._batcher = Batcher(None, self._executor, max_batch_size=s.max_batch_size,
+        self._batcher = Batcher(engine.project, self._executor, max_batch_size=s.max_batch_size,
                                 max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
                                 max_queue_size=s.max_queue_size, metrics=self.metrics)
         if s.downstream:
@@ -89,7 +81,6 @@ class Server:
                                           retries=s.downstream_retries, max_message_bytes=s.max_message_bytes,
                                           metrics=self.metrics)
         self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name)
-        self._batcher.compute = self.plane.compute
         self._batcher.start()
 
         server = self._grpc = grpc.aio.server(options=grpc_options(s.max_message_bytes))

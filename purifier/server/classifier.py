@@ -17,12 +17,13 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__, checkpoint, validation
+from ..hardware import choose_device
 from ..errors import InvalidInputError, NotFoundError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ..settings import ClassifierSettings
 from . import codec, logs, v2
-from .app import grpc_options, resolve_device
+from .app import grpc_options
 from .metrics import Metrics
 from .status import rpc
 
@@ -105,7 +106,7 @@ class ClassifierServer:
 
     async def start(self) -> "ClassifierServer":
         s = self.settings
-        device = resolve_device(s.device)
+        device = choose_device(s.device)
         loop = asyncio.get_running_loop()
         bundle = await loop.run_in_executor(self._executor, lambda: checkpoint.load_bundle(
             s.model_dir, device, need_classifier=True))

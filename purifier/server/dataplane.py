@@ -3,18 +3,16 @@ pass a V2 request through. Servicers only decode, call this, and encode."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..engine import Batcher, Engine
 from ..errors import InvalidInputError, NotFoundError
 from ..projection import ProjectionConfig
 from ..proto.inference import grpc_service_pb2 as pb
 from . import codec, v2
-from .batching import Batcher
 from .downstream import Downstream
-from .engine import Engine
 
 PURIFIER_MODEL = "purifier"
 # V2 request parameters read by purifier (and stripped before forwarding).
@@ -48,16 +46,6 @@ class DataPlane:
         self.default_model = default_model
         self._specs: dict[str, InputSpec] = {}
 
-    # -- compute (runs in the batcher's worker thread) --
-    def compute(self, x, cfg: ProjectionConfig):
-        start = time.perf_counter()
-        images, errors = self.engine.project(x, cfg)
-        if self.metrics is not None:
-            self.metrics.projection_seconds.observe(time.perf_counter() - start)
-            self.metrics.batch_size.observe(x.shape[0])
-        return images, errors
-
-    # -- the data plane --
     async def purify(self, images, options: dict | None = None, deadline: float | None = None) -> Purified:
         """images: (B, C, H, W) float in [0, 1] or uint8, as an array or tensor."""
         cfg = self.engine.config(**(options or {}))

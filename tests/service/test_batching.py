@@ -15,7 +15,7 @@ import torch
 from purifier.errors import DeadlineError, OverloadedError
 from purifier.projection import FAST
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
-from purifier.server.batching import Batcher
+from purifier.engine import Batcher
 
 from .conftest import Clients, images, running, settings_for, tensor, to_array
 from .test_rpcs import metric, scrape
@@ -165,14 +165,14 @@ def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, t
 def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir):
     settings = settings_for(tiny_model_dir, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
-        real = server.plane.engine.project
+        real = server.plane.batcher.compute
         gate = threading.Event()
 
         def gated(x, cfg):
             gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = gated
+        server.plane.batcher.compute = gated
         clients = Clients(server.port)
         codes = []
 
@@ -195,7 +195,7 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
         for t in threads:
             t.join()
         assert codes.count(grpc.StatusCode.UNAVAILABLE) == 5 and codes.count(grpc.StatusCode.OK) == 3
-        server.plane.engine.project = real
+        server.plane.batcher.compute = real
         assert metric(scrape(server), "purifier_rejected_total", reason="queue_full") == 5
         clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
         clients.close()
@@ -204,7 +204,7 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
 @pytest.mark.integration
 def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_model_dir):
     with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=0)) as server:
-        real = server.plane.engine.project
+        real = server.plane.batcher.compute
         seen = []
         gate = threading.Event()
 
@@ -213,7 +213,7 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_
             gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = gated
+        server.plane.batcher.compute = gated
         clients = Clients(server.port)
         busy = threading.Thread(target=lambda: clients.purifier.Purify(
             pb.PurifyRequest(tensor=tensor(images(1))), timeout=60))
@@ -229,5 +229,5 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_
         busy.join()
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert 3 not in seen                                            # dropped before compute
-        server.plane.engine.project = real
+        server.plane.batcher.compute = real
         clients.close()

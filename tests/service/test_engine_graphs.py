@@ -9,7 +9,7 @@ import torch
 
 from purifier import checkpoint
 from purifier.errors import ModelLoadError
-from purifier.server.engine import Engine, Limits
+from purifier.engine import Engine, Limits
 from purifier.settings import ServeSettings
 
 from .conftest import images, make_model_dir

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_stop_drains_every_accepted_request(aloop, tiny_model_dir):
     settings = settings_for(tiny_model_dir, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
-        real = server.plane.engine.project
+        real = server.plane.batcher.compute
         gate = threading.Event()
 
         def gated(x, cfg):
             gate.wait(30)
             return real(x, cfg)
 
-        server.plane.engine.project = gated
+        server.plane.batcher.compute = gated
         clients = Clients(server.port)
         results = []
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .. import checkpoint, projection, validation
-from ..projection import preset
 from ..errors import InvalidInputError, ModelLoadError
+from ..projection import preset
 
 
 @dataclass(frozen=True)
