@@ -90,6 +90,6 @@ for variant in "${VARIANTS[@]}"; do
     fi
     # the classifier through purifier, from inside the network, with the image's own health script
     docker exec "$net-purifier" python /app/scripts/healthcheck.py classifier:8001
-    echo "smoke: $image healthy, serving and forwarding" >&2
+    echo "smoke: $image healthy, and the classifier reachable from it" >&2
     cleanup
 done
