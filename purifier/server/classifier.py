@@ -29,6 +29,7 @@ from .status import rpc
 
 log = logging.getLogger("purifier.classifier")
 MAX_BATCH = 1024
+OUTPUTS = ("logits", "label")
 
 
 class ClassifierServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -80,19 +81,13 @@ class ClassifierServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._model(request.model_name)
         if len(request.inputs) != 1:
             raise InvalidInputError(f"model {self.name!r} takes one input, got {len(request.inputs)}")
-        inp = request.inputs[0]
-        images = v2.input_array(request, 0, self.image_shape)
-        if inp.datatype != "BYTES":
-            images, _ = codec.to_nchw(images, self.image_shape, v2.params(inp.parameters).get("layout"))
+        wanted = v2.wanted_outputs(request, self.name, OUTPUTS)
+        images, _, _ = v2.images_in(request, 0, self.image_shape)
         x = validation.to_float_images(images, self.image_shape, MAX_BATCH)
         logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, x)
         response = pb.ModelInferResponse(model_name=self.name, model_version="1", id=request.id)
-        wanted = [o.name for o in request.outputs] or ["logits", "label"]
-        results = {"logits": logits.astype(np.float32), "label": logits.argmax(axis=1).astype(np.int64)}
-        for name in wanted:
-            if name not in results:
-                raise InvalidInputError(f"unknown output {name!r}; model {self.name!r} has {sorted(results)}")
-            v2.add_output(response, name, results[name])
+        v2.add_outputs(response, {"logits": logits.astype(np.float32),
+                                  "label": logits.argmax(axis=1).astype(np.int64)}, wanted)
         return response
 
 

@@ -1,13 +1,31 @@
-"""Helpers on Open Inference Protocol (V2) messages: read inputs, write raw outputs, read
-and write parameters. No servicer code."""
+"""The V2 codec: Open Inference Protocol (KServe V2) messages <-> arrays, in one place.
+
+- request -> images: :func:`images_in` (FP32, UINT8 or BYTES PNG/JPEG files; NCHW, NHWC or
+  (B, H, W); see ``codec``), :func:`options` (the ``purifier_*`` request parameters);
+- images -> request/response: :func:`images_out` (back to the layout and datatype the caller
+  sent), :func:`infer_request`, :func:`replace_images`, :func:`add_outputs`;
+- results -> parameters: :func:`annotate` (errors, flags, threshold, L and R);
+- lower level: parameters, raw vs typed contents, a downstream's input spec.
+
+Used by both servicers, the data plane and the reference classifier; no servicer code.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidInputError
 from ..proto.inference import grpc_service_pb2 as pb
 from . import codec
+
+if TYPE_CHECKING:
+    from .dataplane import Purified
+
+# V2 request parameters read by purifier (and stripped before forwarding) -> projection option.
+OPTION_PARAMS = {"purifier_steps": "steps", "purifier_restarts": "restarts", "purifier_seed": "seed"}
 
 
 def param_value(p: pb.InferParameter):
@@ -97,3 +115,126 @@ def set_input(request: pb.ModelInferRequest, index: int, arr: np.ndarray | list,
             inp.contents.bytes_contents.extend(arr)
         else:
             codec.fill_contents(inp.contents, arr)
+
+
+# --- images and options in, images and results out -------------------------------------------
+
+def images_in(request: pb.ModelInferRequest, index: int, image_shape) -> tuple[np.ndarray, str, str]:
+    """Input ``index``'s images as (B, C, H, W) (FP32/UINT8 as sent; BYTES files decoded to
+    uint8), the layout they came in, and the datatype to answer in (the input's; FP32 for files)."""
+    inp = request.inputs[index]
+    images = input_array(request, index, image_shape)
+    if inp.datatype == "BYTES":
+        return images, "NCHW", "FP32"
+    nchw, layout = codec.to_nchw(images, image_shape, params(inp.parameters).get("layout"))
+    return nchw, layout, inp.datatype
+
+
+def images_out(images: np.ndarray, layout: str, datatype: str) -> np.ndarray:
+    """float32 (B, C, H, W) in [0, 1] -> the layout and datatype (FP32 or UINT8) a caller uses."""
+    return codec.to_dtype(codec.from_nchw(images, layout), datatype)
+
+
+def image_index(request: pb.ModelInferRequest, image_shape) -> int:
+    """Which input holds the images: the one the ``purifier_input`` parameter names, the only
+    one, or the first whose shape fits the model's image in either layout (or that holds files)."""
+    if not request.inputs:
+        raise InvalidInputError("the request has no inputs")
+    names = [i.name for i in request.inputs]
+    name = params(request.parameters).get("purifier_input")
+    if name:
+        if name not in names:
+            raise InvalidInputError(f"purifier_input {name!r} is not among the inputs {names}")
+        return names.index(name)
+    if len(names) == 1:
+        return 0
+    c, h, w = image_shape
+    for i, inp in enumerate(request.inputs):
+        if inp.datatype == "BYTES" or tuple(inp.shape[1:]) in ((c, h, w), (h, w, c)):
+            return i
+    raise InvalidInputError(f"cannot tell which of the inputs {names} holds the images; "
+                            "name it with the request parameter purifier_input")
+
+
+def replace_images(request: pb.ModelInferRequest, index: int, images: np.ndarray, layout: str) -> None:
+    """Put float32 (B, C, H, W) images in place of input ``index``, in the form it was sent:
+    PNG files for BYTES, else its layout and datatype."""
+    datatype = request.inputs[index].datatype
+    if datatype == "BYTES":
+        set_input(request, index, codec.encode_pngs(codec.to_dtype(images, "UINT8")), "BYTES")
+    else:
+        set_input(request, index, images_out(images, layout, datatype), datatype)
+
+
+def options(parameters) -> dict:
+    """Projection options from V2 request parameters (purifier_steps/_restarts/_seed)."""
+    given, out = params(parameters), {}
+    for key, field in OPTION_PARAMS.items():
+        value = given.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInputError(f"parameter {key} must be an integer, got {value!r}")
+        out[field] = value
+    return out
+
+
+def wanted_outputs(request: pb.ModelInferRequest, model: str, available) -> list[str]:
+    """The outputs a request asks for (all when it names none); unknown names are refused."""
+    wanted = [o.name for o in request.outputs] or list(available)
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise InvalidInputError(f"unknown outputs {unknown}; model {model!r} has {list(available)}")
+    return wanted
+
+
+def add_outputs(response: pb.ModelInferResponse, results: dict, wanted: list[str]) -> None:
+    for name in wanted:
+        add_output(response, name, results[name])
+
+
+def infer_request(model: str, input_name: str, arr: np.ndarray, datatype: str,
+                  request_id: str = "") -> pb.ModelInferRequest:
+    """A one-input request carrying ``arr`` raw."""
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name=input_name, datatype=datatype, shape=list(arr.shape))
+    request.raw_input_contents.append(codec.to_raw(arr))
+    return request
+
+
+def annotate(parameters, purified: "Purified") -> None:
+    """Purification results as V2 response parameters (InferParameter holds scalars only,
+    so per-image lists travel as comma-separated strings)."""
+    set_param(parameters, "purifier_reconstruction_error", ",".join(f"{e:.6g}" for e in purified.errors))
+    set_param(parameters, "purifier_adversarial", ",".join("1" if f else "0" for f in purified.flags))
+    set_param(parameters, "purifier_flagged", int(purified.flags.sum()))
+    set_param(parameters, "purifier_threshold_calibrated", purified.threshold is not None)
+    if purified.threshold is not None:
+        set_param(parameters, "purifier_threshold", float(purified.threshold))
+    set_param(parameters, "purifier_steps", purified.cfg.steps)
+    set_param(parameters, "purifier_restarts", purified.cfg.restarts)
+
+
+@dataclass
+class InputSpec:
+    """How a downstream model wants its image input."""
+    name: str = "input"
+    datatype: str = "FP32"
+    layout: str = "NCHW"
+
+
+def input_spec(meta: pb.ModelMetadataResponse, image_shape) -> InputSpec:
+    """A downstream model's first input from its metadata: name, datatype (FP32 or UINT8,
+    else FP32) and layout (NHWC when its shape says so unambiguously)."""
+    spec = InputSpec()
+    if meta.inputs:
+        first = meta.inputs[0]
+        spec.name = first.name or spec.name
+        spec.datatype = first.datatype if first.datatype in codec.IMAGE_DTYPES else "FP32"
+        c, h, w = image_shape
+        shape = tuple(first.shape[-3:])
+        if len(shape) == 3 and shape == (h, w, c) and shape != (c, h, w):
+            spec.layout = "NHWC"
+    return spec

@@ -14,8 +14,8 @@ from .. import __version__
 from ..errors import DownstreamError, InvalidInputError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
-from . import codec, v2
-from .dataplane import PURIFIER_MODEL, DataPlane, annotate, options_from
+from . import v2
+from .dataplane import PURIFIER_MODEL, DataPlane
 from .status import deadline_of, rpc
 
 OUTPUTS = ("purified", "reconstruction_error", "adversarial")
@@ -67,33 +67,19 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
         if request.model_name != PURIFIER_MODEL:
-            response = await self.plane.pass_through(request, deadline_of(context))
+            purified, response = await self.plane.pass_through(request, deadline_of(context))
             response.id = request.id
+            v2.annotate(response.parameters, purified)
             return response
         if len(request.inputs) != 1:
             raise InvalidInputError(f"model {PURIFIER_MODEL!r} takes one input (the images), "
                                     f"got {len(request.inputs)}")
-        wanted = [o.name for o in request.outputs] or list(OUTPUTS)
-        unknown = sorted(set(wanted) - set(OUTPUTS))
-        if unknown:
-            raise InvalidInputError(f"unknown outputs {unknown}; model {PURIFIER_MODEL!r} has {list(OUTPUTS)}")
-        inp = request.inputs[0]
-        images = v2.input_array(request, 0, self.plane.engine.image_shape)
-        if inp.datatype == "BYTES":
-            nchw, layout, datatype = images, "NCHW", "FP32"
-        else:
-            nchw, layout = codec.to_nchw(images, self.plane.engine.image_shape,
-                                         v2.params(inp.parameters).get("layout"))
-            datatype = inp.datatype
-        purified = await self.plane.purify(nchw, options_from(v2.params(request.parameters)),
-                                           deadline_of(context))
+        wanted = v2.wanted_outputs(request, PURIFIER_MODEL, OUTPUTS)
+        images, layout, datatype = v2.images_in(request, 0, self.plane.engine.image_shape)
+        purified = await self.plane.purify(images, v2.options(request.parameters), deadline_of(context))
         response = pb.ModelInferResponse(model_name=PURIFIER_MODEL, model_version="1", id=request.id)
-        results = {
-            "purified": codec.to_dtype(codec.from_nchw(purified.images, layout), datatype),
-            "reconstruction_error": purified.errors.astype(np.float32),
-            "adversarial": purified.flags.astype(bool),
-        }
-        for name in wanted:
-            v2.add_output(response, name, results[name])
-        annotate(response.parameters, purified)
+        v2.add_outputs(response, {"purified": v2.images_out(purified.images, layout, datatype),
+                                  "reconstruction_error": purified.errors.astype(np.float32),
+                                  "adversarial": purified.flags.astype(bool)}, wanted)
+        v2.annotate(response.parameters, purified)
         return response

@@ -1,0 +1,37 @@
+"""Engine.config: the server's default projection with a request's overrides, within limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from purifier.engine import Engine, Limits
+from purifier.errors import ConfigError, InvalidInputError
+from purifier.projection import FAST, PAPER
+
+
+def test_config_applies_overrides_through_the_preset_rules(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, "cpu", "fast", Limits(max_steps=50, max_restarts=6))
+    assert engine.config() == FAST                                   # the model has an encoder
+    assert engine.config(steps=7, seed=3) == FAST.with_(steps=7, seed=3)
+    one = engine.config(restarts=1)                                  # FAST's E(x) start fits in R=1
+    assert (one.restarts, one.keep, one.encoder_starts) == (1, 1, 1)
+
+
+def test_config_refuses_what_the_limits_forbid_with_every_reason(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, "cpu", "paper", Limits(max_steps=50, max_restarts=6))
+    with pytest.raises(InvalidInputError) as e:
+        engine.config(steps=51, restarts=7)
+    assert "steps 51 is above this server's limit of 50" in str(e.value)
+    assert "restarts 7 is above this server's limit of 6" in str(e.value)
+    with pytest.raises(InvalidInputError, match="restarts must be at least 1"):
+        engine.config(restarts=0)
+    with pytest.raises(InvalidInputError, match="steps must be >= 0"):
+        engine.config(steps=-1)
+
+
+def test_no_encoder_means_random_starts_and_unknown_presets_fail_first(tiny_model_dir):
+    (tiny_model_dir / "encoder.safetensors").unlink()
+    assert Engine.load(tiny_model_dir, "cpu", "fast").default == FAST.with_(encoder_starts=0)
+    assert Engine.load(tiny_model_dir, "cpu", "paper").default == PAPER
+    with pytest.raises(ConfigError, match="unknown projection preset 'quick'"):
+        Engine.load(tiny_model_dir / "missing", "cpu", "quick")
