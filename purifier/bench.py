@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import platform
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +28,10 @@ import torch
 from torch import nn
 
 from . import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
+from .errors import ConfigError
+from .hardware import describe
 from .projection import PAPER, ProjectionConfig, preset, project
+from .stats import paired
 
 
 def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
@@ -44,7 +44,7 @@ def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
     for item in filter(None, changes.split(",")):
         key, _, value = item.partition("=")
         if key not in fields:
-            raise ValueError(f"unknown projection setting {key!r} in {spec!r}; settings: {sorted(fields)}")
+            raise ConfigError(f"unknown projection setting {key!r} in {spec!r}; settings: {sorted(fields)}")
         if key in ("init_std", "seed"):
             kw[key] = None if value == "none" else (float(value) if key == "init_std" else int(value))
         elif key in ("compile", "channels_last", "cuda_graph"):
@@ -59,21 +59,12 @@ def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
 # --- environment ---------------------------------------------------------------------------
 
 def environment(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return dict(device=device, cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
-                python=sys.version.split()[0], torch=torch.__version__, platform=platform.platform(),
-                purifier_commit=commit)
+    return dict(describe(device), purifier_commit=commit)
 
 
 def _sync(device: torch.device) -> None:
@@ -163,15 +154,6 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
     return out
 
 
-def paired(diff: torch.Tensor) -> dict:
-    """Mean of per-image differences with a normal-approximation 95% interval."""
-    d = diff.double()
-    n = d.numel()
-    mean = float(d.mean())
-    half = 1.96 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-    return dict(mean=mean, ci95=[mean - half, mean + half], n=n)
-
-
 @torch.no_grad()
 def _predict(classifier, x, batch=500):
     return torch.cat([classifier(x[s: s + batch]).argmax(1) for s in range(0, len(x), batch)])
@@ -228,7 +210,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
     # Quality: the same seeded test images for every config, clean and attacked.
     if settings.quality_images:
         if clf is None:
-            raise ValueError("the quality part needs a classifier in the model directory")
+            raise ConfigError("the quality part needs a classifier in the model directory")
         sub = data.subset(test_split, settings.quality_images, seed=settings.seed)
         indices = torch.randperm(len(test_split.labels),
                                  generator=torch.Generator().manual_seed(settings.seed))[: len(sub.labels)]
@@ -245,7 +227,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 ckey = dict(key, condition=f"fgsm-{settings.eps}",
                             classifier=file_digest(bundle.path / "classifier.safetensors"))
             else:
-                raise ValueError(f"unknown condition {cond!r}")
+                raise ConfigError(f"unknown condition {cond!r}; use clean and/or fgsm")
             undefended = (_predict(clf, xin) == y).float()
             per_cfg, rows = {}, {}
             for name, cfg in settings.configs:

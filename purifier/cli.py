@@ -1,12 +1,18 @@
 """The ``purifier`` command. Each subcommand lives in ``purifier.commands.<module>``,
 which defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; this file
-only dispatches, and imports a subcommand's module (and torch) only when it runs."""
+only dispatches, and imports a subcommand's module (and torch) only when it runs.
+
+Errors raised on purpose (:class:`purifier.errors.PurifierError`) are caught here, once for
+every command, and printed as one line with a hint (exit status 2); anything else is a bug
+and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import PurifierError
 
 # subcommand name -> module under purifier.commands
 COMMANDS = {
@@ -45,7 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1] or ["--help"])
         return 2
     args = build_parser(only=chosen).parse_args(argv)
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except PurifierError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"purifier {chosen}: error: {message} (hint: {hint(exc, chosen)})", file=sys.stderr)
+        return 2
+
+
+def hint(exc: Exception, command: str) -> str:
+    """What to try next, by kind of error."""
+    from .errors import DataError, DownstreamError, ModelLoadError
+
+    if isinstance(exc, ModelLoadError):
+        where = "--model-dir DIR or PURIFIER_MODEL_DIR" if command.startswith("serve") else "the model directory"
+        return (f"check {where}: a folder with generator.safetensors (and classifier/encoder) and "
+                "card.json, as written by `purifier train-*`")
+    if isinstance(exc, DataError):
+        return "pass --data-dir DIR or set PURIFIER_DATA_DIR to the folder with the IDX files"
+    if isinstance(exc, DownstreamError):
+        return "check that the downstream classifier server is up and reachable"
+    return f"see `purifier {command} --help`"
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import zlib
@@ -47,6 +46,7 @@ from . import attacks, checkpoint, data, detection
 from .errors import ConfigError
 from .projection import PRESETS as PROJECTIONS
 from .projection import ProjectionConfig, preset, project
+from .stats import wilson_interval
 
 ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda", "blackbox")
 BLACKBOX_LABELS = ("defended", "true")
@@ -150,19 +150,6 @@ class EvalConfig:
 
 
 # --- statistics ---------------------------------------------------------------------------
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n (sound near 0 and 1, unlike k/n +- ...)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)   # exact ends: rounding leaves 1e-17
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
-
 
 def accuracy(correct: torch.Tensor) -> dict:
     k, n = int(correct.sum()), int(correct.numel())

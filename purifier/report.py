@@ -23,22 +23,9 @@ def environment(device: str = "cpu") -> dict:
         versions["matplotlib"] = matplotlib.__version__
     except ImportError:
         pass
-    hw = {"platform": platform.platform(), "machine": platform.machine(),
-          "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "device": str(device)}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return {"versions": versions, "hardware": hw}
+    from .hardware import describe
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return {"versions": versions, "hardware": describe(device)}
 
 
 # --- the table ------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ Only E's weights are updated; G is used under ``requires_grad=False``.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .hardware import describe
 from .models import Encoder
 
 
@@ -107,9 +107,7 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     checkpoint.save_module(enc.cpu(), path, "encoder")
     section = dict(file=path.name, command=command, dataset=dataset, settings=asdict(cfg),
                    train_recon_error_of_encoder_alone=recon, **stats,
-                   hardware=dict(device=str(device), cpu=platform.processor() or platform.machine(),
-                                 threads=torch.get_num_threads(),
-                                 gpu=torch.cuda.get_device_name() if str(device).startswith("cuda") else None),
+                   hardware=describe(device),
                    torch=torch.__version__)
     checkpoint.update_card(model_dir, encoder=section)
     return section

@@ -52,4 +52,4 @@ def test_cli_reports_errors_without_traceback(tmp_path, tiny_model_dir):
                            "--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--steps", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "broken.png" in proc.stdout and "Traceback" not in proc.stderr
+    assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr

@@ -40,18 +40,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load_bundle
-    from ..errors import PurifierError
     from ..offline import purify_files
 
     device = resolve_device(args)
-    try:
-        bundle = load_bundle(args.model_dir, device)
-        cfg = projection_config(args, has_encoder=bundle.encoder is not None)
-        summary = purify_files(bundle, args.inputs, args.out, cfg, args.batch_size, device,
-                               progress=not args.no_progress)
-    except PurifierError as exc:
-        print(f"purifier purify: error: {exc}")
-        return 2
+    bundle = load_bundle(args.model_dir, device)
+    cfg = projection_config(args, has_encoder=bundle.encoder is not None)
+    summary = purify_files(bundle, args.inputs, args.out, cfg, args.batch_size, device,
+                           progress=not args.no_progress)
     print(f"purified {summary['images']} image(s) into {args.out}; "
           f"mean reconstruction error {summary['mean_reconstruction_error']:.5f}")
     return 0

@@ -11,21 +11,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError, ModelLoadError
     from ..server import serve
     from ..settings import kserve_ignored, serve_settings
 
-    try:
-        settings = serve_settings(args)
-        _log_kserve_flags(kserve_ignored(args), settings.log_level)
-        return serve(settings)
-    except (ConfigError, ModelLoadError) as exc:
-        import sys
-
-        print(f"purifier serve: {exc}", file=sys.stderr)
-        if isinstance(exc, ModelLoadError):
-            print("  (pass --model-dir DIR or set PURIFIER_MODEL_DIR to a model directory)", file=sys.stderr)
-        return 2
+    settings = serve_settings(args)
+    _log_kserve_flags(kserve_ignored(args), settings.log_level)
+    return serve(settings)
 
 
 def _log_kserve_flags(flags: dict[str, str], level: str) -> None:

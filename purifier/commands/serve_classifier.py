@@ -10,14 +10,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError, ModelLoadError
     from ..server.classifier import serve
     from ..settings import classifier_settings
 
-    try:
-        return serve(classifier_settings(args))
-    except (ConfigError, ModelLoadError) as exc:
-        import sys
-
-        print(f"purifier serve-classifier: {exc}", file=sys.stderr)
-        return 2
+    return serve(classifier_settings(args))
