@@ -4,12 +4,13 @@ plumbing (files, cards, resumption), not model quality."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from purifier import checkpoint
+from purifier import checkpoint, parts
 from purifier.train_classifier import ClassifierTrainConfig, random_shift
 from purifier.train_classifier import train as train_classifier
-from purifier.train_gan import GANTrainConfig, train
+from purifier.train_gan import GANTrainConfig, WGANGP, train, train_many
 from test_data import write_idx  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -39,6 +40,97 @@ def test_gan_training_checkpoints_resumes_and_exports(tmp_path):
     assert card["generator"]["training"]["export_selection"]["exported"] in ("G", "G_ema")
     g = checkpoint.load_generator(tmp_path / "model" / "generator.safetensors")
     assert g(torch.randn(2, 128)).shape == (2, 1, 28, 28)
+
+
+def _tiny(tmp_path, name, **kw):
+    base = dict(dataset="mnist", data_dir=str(tmp_path / "data"), run_dir=str(tmp_path / name), out_dir=None,
+                batch_size=4, n_critic=2, dim=4, checkpoint_every=1000, sample_every=1000, log_every=1)
+    return GANTrainConfig(**{**base, **kw})
+
+
+def _weights(run_dir):
+    state = parts.load(run_dir / "checkpoint")
+    return state, {f"{k}.{n}": t for k in ("G", "D", "G_ema") for n, t in state[k].items()}
+
+
+def test_n_then_resume_n_equals_2n_exactly(tmp_path):
+    fake_dataset(tmp_path / "data")
+    straight = train(_tiny(tmp_path, "straight", iterations=6), progress=False)
+    first = train(_tiny(tmp_path, "split", iterations=3), progress=False)
+    second = train(_tiny(tmp_path, "split", iterations=6), resume=True, progress=False)
+    assert (straight["iterations"], first["iterations"], second["iterations"]) == (6, 3, 6)
+    a_state, a = _weights(tmp_path / "straight")
+    b_state, b = _weights(tmp_path / "split")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for opt in ("opt_g", "opt_d"):
+        for i, st in a_state[opt]["state"].items():
+            assert torch.equal(st["exp_avg_sq"], b_state[opt]["state"][i]["exp_avg_sq"])
+            assert float(st["step"]) == 6 * (2 if opt == "opt_d" else 1)
+    assert torch.equal(a_state["rng"], b_state["rng"])
+
+
+def test_training_changes_weights_and_stops_at_time_limit(tmp_path):
+    fake_dataset(tmp_path / "data")
+    cfg = _tiny(tmp_path, "run", iterations=10**6)
+    summary = train(cfg, progress=False, max_seconds=0.0)  # stops after its first iteration
+    assert summary["iterations"] == 1 and not summary["finished"]
+    state, w = _weights(tmp_path / "run")
+    fresh = WGANGP(cfg, torch.rand(8, 1, 28, 28), torch.device("cpu"))
+    assert not torch.equal(w["G.fc.weight"], fresh.G.fc.weight.detach())
+    assert torch.equal(fresh.G.fc.weight, fresh.G_ema.fc.weight)  # EMA starts at G
+
+
+def test_update_on_external_draws_matches_step(tmp_path):
+    """What check_graph relies on: update() on a copy of another model's draws trains the same
+    weights as that model's own step() (the graph replays update() on copied draws)."""
+    cfg = _tiny(tmp_path, "x")
+    images = torch.rand(8, 1, 28, 28)
+    a, c = WGANGP(cfg, images, torch.device("cpu")), WGANGP(cfg, images, torch.device("cpu"))
+    state = a.gen.get_state()
+    a.step()
+    a.gen.set_state(state)
+    draws = tuple(t.clone() for t in a.draw())
+    c.update(*draws)
+    for p, q in zip([*a.G.parameters(), *a.D.parameters(), *a.G_ema.parameters()],
+                    [*c.G.parameters(), *c.D.parameters(), *c.G_ema.parameters()]):
+        assert torch.equal(p, q)
+    assert float(a.count) == 1.0 and a.stats.abs().sum() > 0
+
+
+def test_checkpoint_parts_are_bounded_and_verified(tmp_path):
+    obj = {"w": torch.arange(10_000, dtype=torch.float32), "n": 3}
+    written = parts.save(obj, tmp_path / "ck", part_bytes=8192)
+    assert len(written) >= 5 and all(p.stat().st_size <= 8192 for p in written)
+    back = parts.load(tmp_path / "ck")
+    assert torch.equal(back["w"], obj["w"]) and back["n"] == 3
+    raw = bytearray(written[1].read_bytes())
+    raw[0] ^= 0xFF
+    written[1].write_bytes(bytes(raw))
+    with pytest.raises(parts.CheckpointError, match="damaged"):
+        parts.load(tmp_path / "ck")
+    written[1].write_bytes(bytes(raw[:1]) + bytes(raw[1:]))  # still damaged; now drop another part
+    written[2].unlink()
+    with pytest.raises(parts.CheckpointError, match="damaged|missing"):
+        parts.load(tmp_path / "ck")
+    parts.save(obj, tmp_path / "ck", part_bytes=8192)  # rewriting replaces the folder whole
+    (tmp_path / "ck" / "part-002.bin").unlink()
+    with pytest.raises(parts.CheckpointError, match="missing"):
+        parts.load(tmp_path / "ck")
+
+
+def test_two_datasets_train_together_with_snapshots(tmp_path):
+    fake_dataset(tmp_path / "data")
+    cfgs = [_tiny(tmp_path, f"run-{i}", iterations=4, seed=i, snapshot_at=(2, 4)) for i in range(2)]
+    out = train_many(cfgs, progress=False)
+    assert [s["iterations"] for s in out] == [4, 4]
+    for i in range(2):
+        snaps = sorted(p.name for p in (tmp_path / f"run-{i}" / "snapshots").iterdir())
+        assert snaps == ["iter000002-G.safetensors", "iter000002-G_ema.safetensors",
+                         "iter000004-G.safetensors", "iter000004-G_ema.safetensors"]
+    a, b = _weights(tmp_path / "run-0")[1], _weights(tmp_path / "run-1")[1]
+    assert not torch.equal(a["G.fc.weight"], b["G.fc.weight"])  # different seeds, separate runs
 
 
 def test_classifier_training_exports_with_card(tmp_path):

@@ -1,17 +1,24 @@
 from __future__ import annotations
 
-from .common import add_data, add_device, resolve_device
+from .common import add_device, resolve_device
 
-HELP = "train the Defense-GAN generator with WGAN-GP (checkpoints, --resume)"
+HELP = "train the Defense-GAN generator with WGAN-GP (graph-captured on CUDA, checkpoints, --resume)"
+DATASETS = ("mnist", "fashion-mnist")
 
 
 def add_arguments(p) -> None:
     from ..train_gan import GANTrainConfig as C
 
-    add_data(p)
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="mnist, fashion-mnist, or both comma-separated (trained at once, one CUDA stream each)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the IDX files (default: PURIFIER_DATA_DIR, /usr/share/datasets/<name>, "
+                        "../shared/datasets/<name>, ./data/<name>); may contain {dataset}")
     add_device(p)
-    p.add_argument("--run-dir", default=None, help="checkpoints and samples (default runs/gan-<dataset>)")
-    p.add_argument("--out", default=None, help="model directory to export the generator to")
+    p.add_argument("--run-dir", default=None,
+                   help="checkpoints, samples, snapshots (default runs/gan-{dataset})")
+    p.add_argument("--out", default=None,
+                   help="model directory to export the generator to; with several data sets it must contain {dataset}")
     p.add_argument("--iterations", type=int, default=C.iterations, help="generator steps")
     p.add_argument("--batch-size", type=int, default=C.batch_size)
     p.add_argument("--n-critic", type=int, default=C.n_critic)
@@ -21,23 +28,86 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=C.seed)
     p.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
     p.add_argument("--sample-every", type=int, default=C.sample_every)
+    p.add_argument("--log-every", type=int, default=C.log_every,
+                   help="loss history interval (with a CUDA graph also how often the host syncs)")
+    p.add_argument("--snapshot-at", default="",
+                   help="comma-separated iterations at which to keep G and its EMA (runs/.../snapshots/)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default=C.cuda_graph,
+                   help="capture the training iteration as a CUDA graph (auto: when on CUDA, eager if capture fails)")
+    p.add_argument("--check-graph", type=int, default=0, metavar="N",
+                   help="before training on CUDA, compare N graph replays with N eager updates; stop if they differ")
+    p.add_argument("--select-images", type=int, default=C.select_images,
+                   help="training images on which G and its EMA are compared before export")
+    p.add_argument("--part-mib", type=float, default=C.part_mib, help="checkpoint part size (MiB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint/")
     p.add_argument("--export-only", action="store_true",
                    help="export the last checkpoint to --out without training further")
     p.add_argument("--no-progress", action="store_true")
 
 
-def run(args) -> int:
-    from ..train_gan import GANTrainConfig, train
+def configs(args) -> list:
+    from ..errors import ConfigError
+    from ..train_gan import GANTrainConfig
 
-    cfg = GANTrainConfig(
-        dataset=args.dataset, data_dir=args.data_dir, run_dir=args.run_dir or f"runs/gan-{args.dataset}",
-        out_dir=args.out, iterations=args.iterations, batch_size=args.batch_size, n_critic=args.n_critic,
-        lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, device=resolve_device(args))
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress,
-                    max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                    export_only=args.export_only)
-    print(summary)
+    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    bad = [d for d in names if d not in DATASETS]
+    if not names or bad:
+        raise ConfigError(f"--dataset: unknown data set(s) {bad or names}; choose from {', '.join(DATASETS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--dataset names a data set twice: {args.dataset}")
+    if len(names) > 1:
+        for flag, value in (("--out", args.out), ("--run-dir", args.run_dir)):
+            if value and "{dataset}" not in value:
+                raise ConfigError(f"{flag} {value!r} would be shared by {len(names)} data sets; put {{dataset}} in it")
+    try:
+        snaps = tuple(sorted(int(s) for s in args.snapshot_at.split(",") if s.strip()))
+    except ValueError as exc:
+        raise ConfigError(f"--snapshot-at must be comma-separated integers, got {args.snapshot_at!r}") from exc
+    device = resolve_device(args)
+    out = []
+    for d in names:
+        fill = (lambda v: v.replace("{dataset}", d) if v else v)
+        out.append(GANTrainConfig(
+            dataset=d, data_dir=fill(args.data_dir), run_dir=fill(args.run_dir) or f"runs/gan-{d}",
+            out_dir=fill(args.out), iterations=args.iterations, batch_size=args.batch_size,
+            n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
+            snapshot_at=snaps, cuda_graph=args.cuda_graph, part_mib=args.part_mib,
+            select_images=args.select_images, device=device))
+    return out
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from .. import data
+    from ..train_gan import check_graph, train_many
+
+    cfgs = configs(args)
+    if args.check_graph and cfgs[0].device.startswith("cuda") and not args.export_only \
+            and cfgs[0].cuda_graph != "off":
+        for cfg in cfgs:
+            images = data.load(cfg.dataset, "train", cfg.data_dir).images
+            try:
+                result = check_graph(cfg, images, torch.device(cfg.device), args.check_graph)
+            except Exception as exc:  # noqa: BLE001 - reported, then the eager step trains
+                result = {"ok": False, "error": repr(exc)}
+            print(f"{cfg.dataset}: graph vs eager {json.dumps(result)}", flush=True)
+            if not result["ok"]:
+                if cfg.cuda_graph == "on":
+                    print(f"{cfg.dataset}: the captured step does not match the eager one; not training")
+                    return 1
+                print(f"{cfg.dataset}: the captured step does not match the eager one; training eagerly",
+                      flush=True)
+                for c in cfgs:
+                    c.cuda_graph = "off"
+                break
+    summaries = train_many(cfgs, resume=args.resume, progress=not args.no_progress,
+                           max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+                           export_only=args.export_only)
+    for s in summaries:
+        print(json.dumps(s))
     return 0

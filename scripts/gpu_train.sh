@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Lent-GPU call 1 of 2 (issue 9): the generators get the lease.
+#   1. check the CUDA-graph-captured WGAN-GP iteration against the eager one (10 updates,
+#      identical random inputs, fp32), then train MNIST and Fashion-MNIST at once (one CUDA
+#      stream each) for TRAIN_MIN minutes, resuming from $W/gan-<ds>/checkpoint when present;
+#   2. export each generator (G or its EMA, whichever reconstructs training images better),
+#      train its encoder;
+#   3. pack under $OUT: both model folders, the MNIST checkpoint (parts < 16 MiB) and the
+#      logs. The Fashion-MNIST checkpoint and the snapshots stay in $W (git-ignored, kept on
+#      a warm machine) for call 2, scripts/gpu_eval.sh, which also returns them.
+# Usage (GPU machine, repo root, data carried under ./data/<name>):
+#   OUT=... bash scripts/gpu_train.sh          knobs: TRAIN_MIN BUDGET_S ITERS QUICK=1 DEVICE
+set -u
+OUT=${OUT:-runs/gpu-out}
+W=${W:-runs/gpu-lease}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-560}
+TRAIN_MIN=${TRAIN_MIN:-7.3}
+ITERS=${ITERS:-200000}
+SNAPSHOTS=${SNAPSHOTS:-10000,25000,50000,100000,150000,200000}
+ENC_STEPS=${ENC_STEPS:-6000}
+ENC_MIN=${ENC_MIN:-0.7}
+CHECK=${CHECK:-10}
+SELECT=${SELECT:-200}
+QUICK=${QUICK:-0}
+EXTRA=${EXTRA:-}
+source "$(dirname "$0")/gpu_lib.sh"
+[ "$QUICK" = 1 ] && { ITERS=6; SNAPSHOTS=2,4; ENC_STEPS=3; SELECT=4; }
+log "host: $($PY -c 'import sys,torch;print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")')"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$W/nvidia-smi.txt" 2>&1
+RESUME=""
+[ -f "$W/gan-mnist/checkpoint/manifest.json" ] && RESUME=--resume
+
+step train-gan $(python3 -c "print(int(60*$TRAIN_MIN)+100)") $P train-gan --dataset mnist,fashion-mnist \
+  --data-dir "data/{dataset}" --device $DEVICE --iterations $ITERS --batch-size 64 --n-critic 5 --ema 0.999 \
+  --seed 0 --run-dir "$W/gan-{dataset}" --out "models/{dataset}" --checkpoint-every 25000 \
+  --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-images $SELECT \
+  --max-minutes "$TRAIN_MIN" --no-progress $RESUME $EXTRA
+grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
+
+for ds in mnist fashion-mnist; do
+  step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
+    --model-dir models/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" &
+done
+wait
+
+for ds in mnist fashion-mnist; do
+  mkdir -p "$W/models/$ds"; cp models/$ds/*.safetensors models/$ds/card.json "$W/models/$ds/" 2>/dev/null
+  tar -cf "$OUT/models-$ds.tar" models/$ds/generator.safetensors models/$ds/encoder.safetensors models/$ds/card.json
+  cp "$W/gan-$ds/samples/$(ls "$W/gan-$ds/samples" | tail -1)" "$W/samples-$ds.png" 2>/dev/null
+done
+mkdir -p "$OUT/ckpt-mnist" && cp "$W"/gan-mnist/checkpoint/* "$OUT/ckpt-mnist/"
+tar --exclude='checkpoint' --exclude='snapshots' --exclude='models' -czf "$OUT/logs1.tar.gz" "$W"
+ls -la "$OUT" "$OUT/ckpt-mnist" | tee -a "$W/timeline.txt"
+log "done"
