@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
+from . import checkpoint, data, hardware
 from .models import Classifier
-from .train_gan import hardware
 
 
 @dataclass
@@ -95,7 +94,7 @@ def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
             "train_images": n,
             "epochs": cfg.epochs,
             "wall_seconds": round(wall, 1),
-            "hardware": hardware(cfg.device),
+            "hardware": hardware.summary(cfg.device),
         },
         "metrics": {"clean_test_accuracy": round(acc, 4), "test_images": len(te.labels)},
     }

@@ -117,6 +117,22 @@ def clients(server):
     c.close()
 
 
+def hold_batches(server, seen: list | None = None) -> threading.Event:
+    """Hold every projection batch of ``server`` at the returned gate until it is set (then
+    they run as before); ``seen`` collects each batch's steps as it reaches the gate."""
+    real = server.plane.batcher.compute
+    gate = threading.Event()
+
+    def gated(x, cfg):
+        if seen is not None:
+            seen.append(cfg.steps)
+        gate.wait(30)
+        return real(x, cfg)
+
+    server.plane.batcher.compute = gated
+    return gate
+
+
 def images(n: int, seed: int = 0, shape=(1, 8, 8)) -> np.ndarray:
     """Images the tiny generator can reach: G(z) for random z, float32 (n, C, H, W)."""
     from tests.conftest import tiny_generator

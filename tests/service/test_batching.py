@@ -17,7 +17,7 @@ from purifier.projection import FAST
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 from purifier.engine import Batcher
 
-from .conftest import Clients, images, running, settings_for, tensor, to_array
+from .conftest import Clients, hold_batches, images, running, settings_for, tensor, to_array
 from .test_rpcs import metric, scrape
 
 
@@ -165,14 +165,7 @@ def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, t
 def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir):
     settings = settings_for(tiny_model_dir, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
-        real = server.plane.batcher.compute
-        gate = threading.Event()
-
-        def gated(x, cfg):
-            gate.wait(30)
-            return real(x, cfg)
-
-        server.plane.batcher.compute = gated
+        gate = hold_batches(server)
         clients = Clients(server.port)
         codes = []
 
@@ -195,7 +188,6 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
         for t in threads:
             t.join()
         assert codes.count(grpc.StatusCode.UNAVAILABLE) == 5 and codes.count(grpc.StatusCode.OK) == 3
-        server.plane.batcher.compute = real
         assert metric(scrape(server), "purifier_rejected_total", reason="queue_full") == 5
         clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
         clients.close()
@@ -204,16 +196,8 @@ def test_overload_answers_unavailable_and_server_recovers(aloop, tiny_model_dir)
 @pytest.mark.integration
 def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_model_dir):
     with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=0)) as server:
-        real = server.plane.batcher.compute
         seen = []
-        gate = threading.Event()
-
-        def gated(x, cfg):
-            seen.append(cfg.steps)
-            gate.wait(30)
-            return real(x, cfg)
-
-        server.plane.batcher.compute = gated
+        gate = hold_batches(server, seen)
         clients = Clients(server.port)
         busy = threading.Thread(target=lambda: clients.purifier.Purify(
             pb.PurifyRequest(tensor=tensor(images(1))), timeout=60))
@@ -229,5 +213,4 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_
         busy.join()
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert 3 not in seen                                            # dropped before compute
-        server.plane.batcher.compute = real
         clients.close()

@@ -21,7 +21,7 @@ from purifier.projection import FAST
 from purifier.proto.inference import grpc_service_pb2 as v2_pb
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 
-from .conftest import Clients, images, running, settings_for, tensor
+from .conftest import Clients, hold_batches, images, running, settings_for, tensor
 from .test_downstream import free_port
 
 pytestmark = pytest.mark.integration
@@ -31,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_stop_drains_every_accepted_request(aloop, tiny_model_dir):
     settings = settings_for(tiny_model_dir, max_batch_size=1, max_queue_delay_ms=0)
     with running(aloop, settings) as server:
-        real = server.plane.batcher.compute
-        gate = threading.Event()
-
-        def gated(x, cfg):
-            gate.wait(30)
-            return real(x, cfg)
-
-        server.plane.batcher.compute = gated
+        gate = hold_batches(server)
         clients = Clients(server.port)
         results = []
 
