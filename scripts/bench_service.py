@@ -89,7 +89,7 @@ def codec_cost(shape, samples: int = 2000) -> float:
     from purifier import validation
     from purifier.proto.purifier.v1 import purifier_pb2 as pb
     from purifier.server.dataplane import Purified
-    from purifier.server.purifier_servicer import fill_purification, images_of, options_of
+    from purifier.server.v1 import fill_purification, images_of, options_of
 
     x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
     wire = pb.PurifyRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=x.shape, data=x.tobytes())).SerializeToString()

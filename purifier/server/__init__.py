@@ -2,6 +2,7 @@
 limits, the batcher, no gRPC).
 
 - ``dataplane``: what both APIs call (purify, classify, forward); no gRPC servicer code.
+- ``v2`` / ``v1``: the codecs between each API's messages and images, options and results.
 - ``codec``: tensors <-> bytes (raw little-endian, V2 contents, PNG/JPEG).
 - ``downstream``: the V2 gRPC client to the classifier behind us.
 - ``purifier_servicer`` / ``v2_servicer``: decode, await the data plane, encode.

@@ -1,55 +1,13 @@
-"""purifier.v1.Purifier: decode the request, await the data plane, encode the answer."""
+"""purifier.v1.Purifier: decode the request, await the data plane, encode the answer
+(the codec is ``v1``)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..errors import InvalidInputError
 from ..proto.purifier.v1 import purifier_pb2 as pb
 from ..proto.purifier.v1 import purifier_pb2_grpc as pb_grpc
-from . import codec, logs, v2
-from .dataplane import DataPlane, Purified
+from . import logs, v1
+from .dataplane import DataPlane
 from .status import deadline_of, rpc
-
-DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.UINT8: np.dtype("u1"), pb.INT64: np.dtype("<i8"),
-          pb.INT32: np.dtype("<i4"), pb.FLOAT64: np.dtype("<f8"), pb.BOOL: np.dtype("?")}
-ENUMS = {v: k for k, v in DTYPES.items()}
-
-
-def tensor_to_array(t: pb.Tensor) -> np.ndarray:
-    if t.dtype not in (pb.FLOAT32, pb.UINT8):
-        raise InvalidInputError(f"images must be FLOAT32 (0..1) or UINT8 (0..255), got {pb.DType.Name(t.dtype)}")
-    return codec.from_raw(t.data, DTYPES[t.dtype], t.shape, "images")
-
-
-def array_to_tensor(arr: np.ndarray, out: pb.Tensor) -> None:
-    out.dtype = ENUMS[arr.dtype]
-    out.shape.extend(arr.shape)
-    out.data = codec.to_raw(arr)
-
-
-def images_of(request, image_shape) -> np.ndarray:
-    which = request.WhichOneof("images")
-    if which == "tensor":
-        return tensor_to_array(request.tensor)
-    if which == "encoded":
-        return codec.decode_images(list(request.encoded.images), image_shape)
-    raise InvalidInputError("no images: set tensor (raw bytes) or encoded (PNG/JPEG files)")
-
-
-def options_of(request) -> dict:
-    o = request.options
-    return {name: getattr(o, name) for name in ("steps", "restarts", "seed") if o.HasField(name)}
-
-
-def fill_purification(out: pb.Purification, p: Purified) -> None:
-    array_to_tensor(np.ascontiguousarray(p.images, dtype=np.float32), out.images)
-    out.reconstruction_error.extend(p.errors.tolist())
-    out.adversarial.extend(bool(f) for f in p.flags)
-    out.threshold_calibrated = p.threshold is not None
-    out.threshold = p.threshold or 0.0
-    out.steps = p.cfg.steps
-    out.restarts = p.cfg.restarts
 
 
 class PurifierServicer(pb_grpc.PurifierServicer):
@@ -59,27 +17,14 @@ class PurifierServicer(pb_grpc.PurifierServicer):
 
     @rpc("Purify")
     async def Purify(self, request: pb.PurifyRequest, context) -> pb.PurifyResponse:
-        images = images_of(request, self.plane.engine.image_shape)
-        purified = await self.plane.purify(images, options_of(request), deadline_of(context))
-        response = pb.PurifyResponse(request_id=logs.request_id.get())
-        fill_purification(response.purification, purified)
-        return response
+        images = v1.images_of(request, self.plane.engine.image_shape)
+        purified = await self.plane.purify(images, v1.options_of(request), deadline_of(context))
+        return v1.purify_response(purified, logs.request_id.get())
 
     @rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        images = images_of(request, self.plane.engine.image_shape)
+        images = v1.images_of(request, self.plane.engine.image_shape)
         rid = logs.request_id.get()
-        purified, answer = await self.plane.classify(images, options_of(request), request.model_name,
+        purified, answer = await self.plane.classify(images, v1.options_of(request), request.model_name,
                                                      deadline_of(context), rid)
-        response = pb.ClassifyResponse(request_id=rid, model_name=answer.model_name or request.model_name)
-        fill_purification(response.purification, purified)
-        labels = None
-        for name, datatype, data in v2.output_arrays(answer):
-            if datatype not in codec.V2_DTYPES or codec.V2_DTYPES[datatype] not in ENUMS:
-                continue  # BYTES and exotic types have no purifier.v1 dtype
-            array_to_tensor(np.asarray(data), response.outputs.add(name=name).tensor)
-            if labels is None and data.ndim == 2 and datatype.startswith("FP"):
-                labels = data.argmax(axis=1)
-        if labels is not None:
-            response.labels.extend(int(v) for v in labels)
-        return response
+        return v1.classify_response(purified, answer, rid, request.model_name)
