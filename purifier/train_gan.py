@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, data, parts
+from .hardware import summary as hardware
 from .models import Critic, Generator
 
 
@@ -200,7 +200,7 @@ class WGANGP:
             else:  # no EMA yet, or one made without warm-up: start it from G
                 self.G_ema.load_state_dict(self.G.state_dict())
         if s.get("rng") is not None:
-            self.gen.set_state(s["rng"].cpu() if self.device.type == "cpu" else s["rng"])
+            self.gen.set_state(s["rng"].cpu())  # RNG states are CPU byte tensors, wherever loaded
         else:  # state not saved: a fresh, still deterministic stream
             self.gen.manual_seed(self.cfg.seed + 1_000_003 * iteration)
 
@@ -307,7 +307,7 @@ class Run:
         self.it, self.wall = int(state["iteration"]), float(state["wall_seconds"])
         self.model.load_state_dict(state, self.it)
         if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(state["torch_rng"].cpu())
         self.history = json.loads(state["history"])
         if "segments" in state:
             self.segments = json.loads(state["segments"])
@@ -494,12 +494,12 @@ def choose_generator(G: nn.Module, G_ema: nn.Module | None, images: torch.Tensor
     After a short run the EMA can lag behind G; rather than guess, measure the mean
     reconstruction error of a short projection (L=100, R=4, fixed seed) on ``n`` images.
     """
-    from .projection import ProjectionConfig, project
+    from .projection import preset, project
 
     if G_ema is None:
         return G, {"exported": "G"}
     x = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]].to(device)
-    cfg = ProjectionConfig(steps=100, restarts=4, seed=seed)
+    cfg = preset("paper", steps=100, restarts=4, seed=seed)
     scores = {}
     for name, g in (("G", G), ("G_ema", G_ema)):
         g.eval()
@@ -536,10 +536,3 @@ def export(cfg: GANTrainConfig, G: nn.Module, summary: dict) -> None:
             "export_selection": summary.get("export_selection"),
         },
     })
-
-
-def hardware(device: str = "cpu") -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-

@@ -149,3 +149,19 @@ def test_random_shift_moves_content_without_changing_it():
     x[:, :, 3, 3] = 1.0
     y = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and torch.equal(y.sum((1, 2, 3)), x.sum((1, 2, 3)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_matches_eager_and_resumes(tmp_path):
+    """On CUDA: graph replays equal eager updates on the same draws; a graph run resumes."""
+    from purifier.train_gan import check_graph
+
+    fake_dataset(tmp_path / "data")
+    cfg = _tiny(tmp_path, "gpu", iterations=3, device="cuda", log_every=2)
+    assert check_graph(cfg, torch.rand(8, 1, 28, 28), torch.device("cuda"), iterations=3)["ok"]
+    first = train(cfg, progress=False)
+    cfg.iterations = 6
+    second = train(cfg, resume=True, progress=False)
+    assert (first["iterations"], second["iterations"]) == (3, 6)
+    assert [s["mode"] for s in second["segments"]] == ["cuda_graph", "cuda_graph"]
