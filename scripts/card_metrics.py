@@ -1,6 +1,9 @@
-"""Copy the measured purification metrics from a `purifier bench` quality run into a model card.
+"""Copy the measured purification metrics from a `purifier bench` quality run, or from
+`purifier eval` runs, into a model card.
 
     python scripts/card_metrics.py models/mnist docs/bench/bench-mnist-clean.json
+    python scripts/card_metrics.py models/mnist docs/results/h100-28k/mnist-paper/results.json \
+        docs/results/h100-28k/mnist-fast/results.json
 
 Writes the card's `metrics` section: accuracy of the card's classifier on purified clean test
 images (with a 95% Wilson interval), mean reconstruction error, n, the projection settings and
@@ -21,6 +24,34 @@ from purifier.stats import wilson_interval  # noqa: E402
 def wilson(p: float, n: int) -> list[float]:
     """The 95% Wilson interval of an accuracy p measured on n images, rounded for the card."""
     return [round(v, 4) for v in wilson_interval(round(p * n), n)]
+
+
+def from_evals(model_dir: str, eval_jsons: list[str]) -> None:
+    """Card metrics from `purifier eval` results (one per projection preset)."""
+    metrics: dict = {"measured_with": [], "eval_files": eval_jsons}
+    for path in eval_jsons:
+        result = json.loads(Path(path).read_text())
+        preset = result["settings"]["eval"]["projection"]
+        metrics["measured_with"].append(result["command"])
+        hw = result.get("environment", {}).get("hardware", {})
+        metrics["measured_on"] = hw.get("gpu") or f"CPU ({hw.get('cpu', '?')})"
+        clean = result["clean"]
+        metrics["test_images"] = clean["n"]
+        metrics["classifier_accuracy_clean_subset"] = clean["undefended"]["accuracy"]
+        metrics[f"purified_clean_accuracy_{preset}"] = clean["purified"]["accuracy"]
+        metrics[f"purified_clean_accuracy_{preset}_ci95"] = [round(v, 4) for v in clean["purified"]["ci95"]]
+        metrics[f"mean_reconstruction_error_clean_{preset}"] = round(clean["reconstruction_error"]["mean"], 6)
+        for cell in result["cells"]:
+            label = f"{cell['threat']}_{cell['attack']}{cell['eps']:g}"
+            metrics[f"classifier_accuracy_{label}_subset"] = cell["undefended"]["accuracy"]
+            metrics[f"purified_{label}_accuracy_{preset}"] = cell["purified"]["accuracy"]
+            metrics[f"purified_{label}_accuracy_{preset}_ci95"] = [round(v, 4) for v in cell["purified"]["ci95"]]
+            if cell.get("detection", {}).get("auc") is not None:
+                metrics[f"detection_auc_{label}_{preset}"] = round(cell["detection"]["auc"], 4)
+    card = checkpoint.read_card(model_dir)
+    card["metrics"] = metrics  # replaced whole: numbers from an older generator must not linger
+    checkpoint.write_card(model_dir, card)
+    print(json.dumps(card["metrics"], indent=2))
 
 
 def main(model_dir: str, bench_json: str) -> None:
@@ -50,6 +81,9 @@ def main(model_dir: str, bench_json: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    main(*sys.argv[1:3])
+    if "cells" in json.loads(Path(sys.argv[2]).read_text()):
+        from_evals(sys.argv[1], sys.argv[2:])
+    else:
+        main(*sys.argv[1:3])
