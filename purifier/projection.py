@@ -35,6 +35,12 @@ Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
   outside the graph and copied in, so restarts stay fresh per call. No early stopping
   (it needs host syncs); elsewhere the result is the eager loop's.
 
+Stopping early for the caller: :func:`project` takes ``should_stop``, a function asked
+between steps (host-side only: no device sync); when it answers True the search raises
+:class:`Abandoned`. The service uses it to stop a batch whose callers have all gone
+(cancelled, or past their deadline). The CUDA-graph path is one launch and is not
+interrupted; it only runs the server's default, bounded, configuration.
+
 ``select="last"`` (the ``ORIGINAL`` preset) answers as the original Defense-GAN code does
 (kabkabm/defensegan ``models/gan.py``): each restart's iterate at the last step's forward
 (after L-1 updates; the L-th update is never looked at), the restart with the lowest error
@@ -62,11 +68,12 @@ import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, InvalidInputError
+from .errors import ConfigError, DeadlineError, InvalidInputError
 
 OPTIMIZERS = ("sgd", "adam")
 SELECTS = ("best", "last")
@@ -190,6 +197,10 @@ def preset(base: "str | ProjectionConfig" = "paper", *, has_encoder: bool = True
     if not has_encoder:
         changes["encoder_starts"] = 0
     return base.with_(**changes) if changes else base
+
+
+class Abandoned(DeadlineError):
+    """``should_stop`` answered True: nobody waits for this projection any more."""
 
 
 @dataclass
@@ -324,10 +335,12 @@ def _rng(cfg: ProjectionConfig, device: torch.device) -> torch.Generator:
 # --- the projection -----------------------------------------------------------------------
 
 def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER,
-            encoder: nn.Module | None = None) -> Projection:
+            encoder: nn.Module | None = None, should_stop: Callable[[], bool] | None = None) -> Projection:
     """Project a validated batch x (B, C, H, W) in [0, 1] onto the range of ``generator``.
 
     ``generator`` and ``x`` must be on the same device; the device is the caller's choice.
+    ``should_stop`` is asked before every step (not in the CUDA-graph path); True raises
+    :class:`Abandoned`.
     """
     device = x.device
     if cfg.cuda_graph and device.type != "cuda":
@@ -341,7 +354,7 @@ def project(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig = PAPER
         if cfg.cuda_graph:
             return _project_graphed(generator, x, z0, cfg)
         step_fn = _step_function(generator, cfg, device.type)
-        out_z, steps_run = _search(generator, step_fn, z0, x, cfg)
+        out_z, steps_run = _search(generator, step_fn, z0, x, cfg, should_stop)
         return Projection(*_reconstruct(generator, out_z, x), out_z, steps_run)
 
 
@@ -390,7 +403,7 @@ def _channels_last(generator: nn.Module) -> nn.Module:
 
 
 def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
-            cfg: ProjectionConfig) -> tuple[torch.Tensor, int]:
+            cfg: ProjectionConfig, should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
     """The descent from starts z0 (B, R, D) toward x (B, C, H, W): returns (z* (B, D), steps run).
     Without early stopping it makes no host syncs (so it can be captured as a CUDA graph)."""
     device = x.device
@@ -412,6 +425,8 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
     steps_run = 0
 
     for step in range(cfg.steps):
+        if should_stop is not None and should_stop():
+            raise Abandoned(f"projection stopped after {step} of {cfg.steps} steps: nobody waits for it")
         err, grad = step_fn(z, target)                               # (N,), (N, D)
         with torch.no_grad():
             if cfg.select == "last":   # the original: only the last forward counts

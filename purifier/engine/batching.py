@@ -14,6 +14,9 @@ so under load batches fill without any delay.
 - At most ``max_queue_size`` requests wait; the next is refused at once (OverloadedError).
 - A request whose deadline passed while it waited is dropped before compute (DeadlineError);
   one whose caller went away is dropped too.
+- A running batch is abandoned once all its callers are gone (cancelled, or past their
+  deadline): ``compute`` is given ``should_stop``, which the projection asks between steps,
+  so abandoned work stops within one step instead of running to its end.
 - A batch that fails fails each of its requests with that error.
 
 The batcher is built whole: it is given the function that computes a batch (normally
@@ -35,7 +38,8 @@ import torch
 from ..errors import DeadlineError, OverloadedError
 from ..projection import ProjectionConfig
 
-Compute = Callable[[torch.Tensor, ProjectionConfig], "tuple[np.ndarray, np.ndarray]"]
+# compute(x, cfg, should_stop=...) -> (images, errors); should_stop() -> True: abandon the batch
+Compute = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
 
 @dataclass
@@ -107,7 +111,8 @@ class Batcher:
                 continue
             x = torch.cat([it.x for it in live])                     # (N, C, H, W)
             try:
-                images, errors = await loop.run_in_executor(self.executor, self._compute, x, live[0].cfg)
+                images, errors = await loop.run_in_executor(self.executor, self._compute, x, live[0].cfg,
+                                                            _nobody_waits(live))
             except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
                 for it in live:
                     if not it.future.done():
@@ -147,10 +152,10 @@ class Batcher:
         self._depth_changed()
         return batch
 
-    def _compute(self, x: torch.Tensor, cfg: ProjectionConfig):
+    def _compute(self, x: torch.Tensor, cfg: ProjectionConfig, should_stop: Callable[[], bool]):
         """One batch, in the executor's thread (timed there, so queueing is not counted)."""
         start = time.perf_counter()
-        out = self.compute(x, cfg)
+        out = self.compute(x, cfg, should_stop=should_stop)
         if self.metrics is not None:
             self.metrics.projection_seconds.observe(time.perf_counter() - start)
             self.metrics.batch_size.observe(x.shape[0])
@@ -179,3 +184,13 @@ class Batcher:
     def _depth_changed(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._queue))
+
+
+def _nobody_waits(items: list[_Item]) -> Callable[[], bool]:
+    """A should_stop for a batch: True once every request in it is answered or cancelled,
+    or past its deadline. Asked from the compute thread: it only reads each future's state
+    and the clock, never touches the loop."""
+    def should_stop() -> bool:
+        now = time.monotonic()
+        return all(it.future.done() or (it.deadline is not None and now >= it.deadline) for it in items)
+    return should_stop

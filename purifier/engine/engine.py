@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,11 +20,17 @@ from ..errors import InvalidInputError, ModelLoadError
 from ..projection import preset
 
 
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's largest; purifier.v1 carries a uint64
+
+
 @dataclass(frozen=True)
 class Limits:
     max_batch_size: int = 64
     max_steps: int = 1000
     max_restarts: int = 20
+    # steps x restarts x images one request may ask for; the default is a full batch of 64 at
+    # the paper's L=200, R=10 (the caps alone allow 10x that: ~14 s of CPU for one request)
+    max_compute: int = 128_000
 
 
 class Engine:
@@ -83,6 +90,8 @@ class Engine:
             problems.append(f"restarts must be at least 1, got {restarts}")
         if steps is not None and steps < 0:
             problems.append(f"steps must be >= 0, got {steps}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            problems.append(f"seed must be in 0..{MAX_SEED} (2^64 - 1), got {seed}")
         if problems:
             raise InvalidInputError("; ".join(problems))
         return preset(self.default, steps=steps, restarts=restarts, seed=None if seed is None else int(seed))
@@ -91,9 +100,24 @@ class Engine:
         """Array or tensor (B, C, H, W), float in [0, 1] or uint8 -> float32 (B, C, H, W) on the CPU."""
         return validation.to_float_images(images, self.image_shape, self.limits.max_batch_size)
 
-    def project(self, x: torch.Tensor, cfg: projection.ProjectionConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Purify a validated batch; returns (images (B, C, H, W) float32, errors (B,)) as numpy."""
+    def check_compute(self, cfg: projection.ProjectionConfig, n_images: int) -> None:
+        """Refuse a request whose steps x restarts x images is above ``Limits.max_compute``
+        (before it queues: a request can no longer buy seconds of compute within the caps)."""
+        cost = cfg.steps * cfg.restarts * n_images
+        if cost > self.limits.max_compute:
+            raise InvalidInputError(
+                f"{n_images} images x {cfg.steps} steps x {cfg.restarts} restarts = {cost} latent-steps is above "
+                f"this server's limit of {self.limits.max_compute} per request (max_compute); ask for fewer "
+                "steps, restarts or images, or split the batch")
+
+    def project(self, x: torch.Tensor, cfg: projection.ProjectionConfig,
+                should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Purify a validated batch; returns (images (B, C, H, W) float32, errors (B,)) as numpy.
+        ``should_stop`` (asked between steps) abandons the batch with ``projection.Abandoned``;
+        the CUDA-graph path (the default configuration only) runs to its end, one launch."""
         with self._lock:
+            if should_stop is not None and should_stop():  # its callers left while it waited for the lock
+                raise projection.Abandoned("projection not started: nobody waits for it")
             x = x.to(self.device)
             n = x.shape[0]
             if self.graphs and cfg.with_(seed=None) == self.default.with_(seed=None):
@@ -101,7 +125,8 @@ class Engine:
                 if b > n:  # pad with copies of the last image; their answers are dropped
                     x = torch.cat([x, x[-1:].expand(b - n, *x.shape[1:])])
                 cfg = self._graph_cfg.with_(seed=cfg.seed)
-            p = projection.project(self.bundle.generator, x, cfg, self.bundle.encoder)
+            p = projection.project(self.bundle.generator, x, cfg, self.bundle.encoder,
+                                   None if cfg.cuda_graph else should_stop)
             return p.images[:n].detach().cpu().numpy(), p.errors[:n].detach().cpu().numpy()
 
     def flags(self, errors: np.ndarray) -> np.ndarray:

@@ -5,18 +5,30 @@ Image layout in V2 requests: an input parameter ``layout`` ("NCHW" or "NHWC") de
 without it, a 4-D shape (B, H, W, C) that matches the model's image as NHWC (and not as
 NCHW) is read as NHWC, anything else as NCHW; a 3-D (B, H, W) is accepted for one-channel
 models. Errors are :class:`InvalidInputError` with a message that names the problem.
+
+Encoded files are checked from their headers before anything is decoded
+(:func:`check_files`): PNG or JPEG only, each exactly the model's height x width (the
+decoder allocates what the header claims, so a 12000x12000 PNG of 1 KB is refused here,
+not after gigabytes of pixels), at most ``DecodeLimits.max_images`` files and
+``max_bytes`` bytes per request. Decoder messages (library paths, build directories)
+go to the log, never to the caller.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from . import logs
+
+log = logging.getLogger("purifier.codec")
 
 # V2 datatype -> numpy dtype (little-endian). BYTES is handled apart.
 V2_DTYPES = {
@@ -42,18 +54,33 @@ def v2_name(dtype: np.dtype) -> str:
         raise InvalidInputError(f"no V2 datatype for numpy {dtype}") from None
 
 
+# Most elements a tensor's shape may declare: far above anything a message can carry, and
+# small enough that numpy never sees a size it cannot represent.
+MAX_ELEMENTS = 2 ** 40
+
+
 def check_shape(shape, what: str = "tensor") -> tuple[int, ...]:
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise InvalidInputError(f"{what} shape {list(shape)} has a negative dimension")
+    if any(s > MAX_ELEMENTS for s in shape) or count(shape) > MAX_ELEMENTS:
+        raise InvalidInputError(f"{what} shape {list(shape)} declares more than {MAX_ELEMENTS} elements")
     return shape
+
+
+def count(shape) -> int:
+    """Elements of a shape, in Python ints (numpy's int64 product wraps: 2^32 * 2^32 -> 0)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def from_raw(data: bytes, dtype: np.dtype, shape, what: str = "tensor") -> np.ndarray:
     """Raw little-endian C-order bytes -> array, checking the length against the shape."""
     shape = check_shape(shape, what)
     dtype = np.dtype(dtype)
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = count(shape) * dtype.itemsize
     if len(data) != need:
         raise InvalidInputError(f"{what} has {len(data)} bytes of raw data; shape {list(shape)} of "
                                 f"{v2_name(dtype)} needs {need}")
@@ -72,12 +99,19 @@ def from_contents(contents, datatype: str, shape, what: str = "tensor") -> np.nd
     if datatype not in CONTENTS_FIELD or datatype == "BYTES":
         raise InvalidInputError(f"{what}: datatype {datatype!r} cannot travel in contents here")
     shape = check_shape(shape, what)
-    values = getattr(contents, CONTENTS_FIELD[datatype])
-    n = int(np.prod(shape, dtype=np.int64))
+    field = CONTENTS_FIELD[datatype]
+    values = getattr(contents, field)
+    n = count(shape)
     if len(values) != n:
-        raise InvalidInputError(f"{what} has {len(values)} values in {CONTENTS_FIELD[datatype]}; "
-                                f"shape {list(shape)} needs {n}")
-    return np.asarray(values, dtype=V2_DTYPES[datatype]).reshape(shape)
+        raise InvalidInputError(f"{what} has {len(values)} values in {field}; shape {list(shape)} needs {n}")
+    dtype = V2_DTYPES[datatype]
+    if dtype.kind in "iu" and n:  # e.g. 300 in a UINT8 tensor's uint_contents (a uint32 field)
+        info = np.iinfo(dtype)
+        lo, hi = min(values), max(values)
+        if lo < info.min or hi > info.max:
+            raise InvalidInputError(f"{what}: {field} holds values in [{lo}, {hi}], outside {datatype}'s "
+                                    f"range {info.min}..{info.max}")
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def fill_contents(contents, arr: np.ndarray) -> str:
@@ -121,26 +155,99 @@ def preload() -> None:
         import torchvision.io  # noqa: F401
 
 
-def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int]) -> np.ndarray:
-    """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one request may ask the image decoder to do (server settings, docs/service.md)."""
+    max_images: int = 64                 # files per request (the batch limit)
+    max_bytes: int = 8 * 1024 * 1024     # encoded bytes per request, all files together
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(blob: bytes) -> tuple[str, int, int] | None:
+    """(format, height, width) read from a PNG's IHDR or a JPEG's start-of-frame segment,
+    without decoding; None when the bytes are neither (or the header is cut short)."""
+    if blob[:8] == _PNG:
+        if len(blob) < 24 or blob[12:16] != b"IHDR":
+            return None
+        width, height = struct.unpack_from(">II", blob, 16)
+        return "PNG", height, width
+    if blob[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(blob):  # segments: 0xFF, marker, 2-byte length (which counts itself)
+        if blob[i] != 0xFF:
+            return None
+        marker = blob[i + 1]
+        if marker == 0xFF:                      # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):              # end of image / start of scan before any frame
+            return None
+        (length,) = struct.unpack_from(">H", blob, i + 2)
+        if marker in _SOF:
+            if i + 9 > len(blob) or length < 7:
+                return None
+            height, width = struct.unpack_from(">HH", blob, i + 5)
+            return "JPEG", height, width
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def check_files(blobs: list[bytes], image_shape: tuple[int, int, int], limits: DecodeLimits = DecodeLimits()) -> None:
+    """Refuse, before any decoding, what the headers already show to be wrong: too many
+    files, too many bytes, something other than PNG/JPEG, a size other than the model's."""
+    _, h, w = image_shape
+    if len(blobs) > limits.max_images:
+        raise InvalidInputError(f"{len(blobs)} image files is above this server's limit of "
+                                f"{limits.max_images} per request")
+    total = sum(len(b) for b in blobs)
+    if total > limits.max_bytes:
+        raise InvalidInputError(f"image files of {total} bytes in all are above this server's limit of "
+                                f"{limits.max_bytes} bytes per request")
+    for i, blob in enumerate(blobs):
+        if not blob:
+            raise InvalidInputError(f"image {i} is empty")
+        size = header_size(blob)
+        if size is None:
+            raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG (no PNG or JPEG header)")
+        fmt, fh, fw = size
+        if (fh, fw) != (h, w):
+            raise InvalidInputError(f"model expects {h}x{w} images; image {i} is a {fmt} of {fh}x{fw}")
+
+
+def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int],
+                  limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count.
+    Headers are checked first (:func:`check_files`); the decoder only sees files of the
+    model's size."""
     from torchvision.io import ImageReadMode, decode_image
 
     c = image_shape[0]
     mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
     if not blobs:  # an empty batch: validation refuses it, with the same words for every input form
         return np.zeros((0, *image_shape), np.uint8)
+    check_files(blobs, image_shape, limits)
     images = []
     for i, blob in enumerate(blobs):
-        if not blob:
-            raise InvalidInputError(f"image {i} is empty")
         try:
             with _quiet_torchvision():
                 img = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)  # (C, H, W)
         except (RuntimeError, ValueError) as exc:
-            raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG ({exc})") from None
-        if images and img.shape != images[0].shape:
-            raise InvalidInputError(f"image {i} is {img.shape[1]}x{img.shape[2]}, image 0 is "
-                                    f"{images[0].shape[1]}x{images[0].shape[2]}: one size per batch")
+            # the decoder's words name its source files and build directory: the log's, not the caller's
+            logs.log(log, logging.INFO, f"image {i} failed to decode", detail=str(exc))
+            raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG") from None
+        if tuple(img.shape) != tuple(image_shape):
+            raise InvalidInputError(f"model expects {image_shape[1]}x{image_shape[2]} images; image {i} "
+                                    f"decoded to {img.shape[1]}x{img.shape[2]}")
         images.append(img)
     return torch.stack(images).numpy()  # (B, C, H, W) uint8
 
@@ -157,6 +264,9 @@ def to_nchw(arr: np.ndarray, image_shape: tuple[int, int, int], layout: str | No
     """Images in any accepted layout -> (B, C, H, W), and the layout they came in."""
     c, h, w = image_shape
     if layout is not None:
+        if not isinstance(layout, str):
+            raise InvalidInputError(f"layout parameter must be a string (NCHW or NHWC), got {type(layout).__name__} "
+                                    f"{layout!r}")
         layout = layout.upper()
         if layout not in ("NCHW", "NHWC"):
             raise InvalidInputError(f"layout parameter {layout!r}: use NCHW or NHWC")
@@ -190,18 +300,22 @@ def to_dtype(images: np.ndarray, datatype: str) -> np.ndarray:
 
 
 def image_array(datatype: str, shape, raw: bytes | None = None, contents=None,
-                image_shape: tuple[int, int, int] = (1, 28, 28), what: str = "input") -> np.ndarray:
+                image_shape: tuple[int, int, int] = (1, 28, 28), what: str = "input",
+                limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """A V2 image input (FP32, UINT8, or BYTES holding PNG/JPEG files) -> array as sent
     (BYTES: decoded to uint8 (B, C, H, W))."""
     if datatype == "BYTES":
+        shape = check_shape(shape, what)
+        if count(shape) > limits.max_images:  # before splitting: millions of empty elements cost time
+            raise InvalidInputError(f"{what}: shape {list(shape)} declares {count(shape)} image files; "
+                                    f"this server's limit is {limits.max_images} per request")
         if raw is not None:
             blobs = split_bytes_elements(raw, what)
         else:
             blobs = list(contents.bytes_contents) if contents is not None else []
-        shape = check_shape(shape, what)
-        if len(blobs) != int(np.prod(shape, dtype=np.int64)):
+        if len(blobs) != count(shape):
             raise InvalidInputError(f"{what}: {len(blobs)} BYTES elements for shape {list(shape)}")
-        return decode_images(blobs, image_shape)
+        return decode_images(blobs, image_shape, limits)
     if datatype not in IMAGE_DTYPES:
         raise InvalidInputError(f"{what}: datatype {datatype!r} is not supported for images; "
                                 "send FP32 in [0, 1], UINT8 in 0..255, or BYTES holding PNG/JPEG files")

@@ -123,11 +123,11 @@ def hold_batches(server, seen: list | None = None) -> threading.Event:
     real = server.plane.batcher.compute
     gate = threading.Event()
 
-    def gated(x, cfg):
+    def gated(x, cfg, **kw):
         if seen is not None:
             seen.append(cfg.steps)
         gate.wait(30)
-        return real(x, cfg)
+        return real(x, cfg, **kw)
 
     server.plane.batcher.compute = gated
     return gate

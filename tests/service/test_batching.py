@@ -22,7 +22,7 @@ from .test_rpcs import metric, scrape
 
 
 def fake_compute(calls):
-    def compute(x, cfg):
+    def compute(x, cfg, should_stop=None):
         calls.append((x.shape[0], cfg))
         return x.numpy() * 0.5, x.flatten(1).mean(1).numpy()
     return compute
@@ -93,7 +93,7 @@ def test_batcher_respects_max_batch_size():
 
 
 def test_failed_batch_fails_each_request():
-    def compute(x, cfg):
+    def compute(x, cfg, should_stop=None):
         raise RuntimeError("out of memory")
 
     async def go(b):
@@ -107,7 +107,7 @@ def test_failed_batch_fails_each_request():
 def test_full_queue_refuses_at_once_and_stale_requests_are_dropped():
     calls = []
 
-    def slow(x, cfg):
+    def slow(x, cfg, **kw):
         time.sleep(0.2)
         return fake_compute(calls)(x, cfg)
 
