@@ -67,6 +67,7 @@ class GANTrainConfig:
     snapshot_at: tuple[int, ...] = field(default_factory=tuple)  # keep G and EMA at these iterations
     part_mib: float = 15.0      # checkpoint part size
     select_images: int = 200    # training images on which G and its EMA are compared at export
+    warm_start: str | None = None  # model dir (generator + critic + card) to continue from without a checkpoint
 
 
 # --- the model and its step --------------------------------------------------------------------
@@ -291,6 +292,8 @@ class Run:
         self.stream = None
         if resume:
             self.resume()
+        if self.it == 0 and cfg.warm_start:
+            self.warm_start(Path(cfg.warm_start))
 
     @property
     def ckpt_dir(self) -> Path:
@@ -316,6 +319,28 @@ class Run:
             self.segments = [{"from_iteration": 0, **{k: old[k] for k in
                               ("batch_size", "n_critic", "lr", "gp_weight", "ema", "device")}}]
         print(f"{self.cfg.dataset}: resumed {self.dir} at iteration {self.it}", flush=True)
+
+    def warm_start(self, model_dir: Path) -> None:
+        """Continue from an exported model (its generator and critic) when no checkpoint exists.
+
+        Not an exact resume: G and its EMA both start from the shipped generator, Adam starts
+        afresh (with betas 0.5/0.9 its moments forget within ~10 steps) and the RNG stream is
+        new; the iteration count, segments and loss history continue from the card.
+        """
+        train = checkpoint.read_card(model_dir).get("generator", {}).get("training", {})
+        G = checkpoint.load_module(model_dir / "generator.safetensors", "generator", self.device)
+        D = checkpoint.load_module(model_dir / "critic.safetensors", "critic", self.device)
+        m = self.model
+        m.G.load_state_dict(G.state_dict())
+        m.D.load_state_dict(D.state_dict())
+        if m.G_ema is not None:
+            m.G_ema.load_state_dict(G.state_dict())
+        self.it, self.wall = int(train.get("iterations", 0)), float(train.get("wall_seconds", 0.0))
+        m.count.fill_(float(self.it))
+        m.gen.manual_seed(self.cfg.seed + 1_000_003 * self.it)
+        self.segments = list(train.get("segments", []))
+        self.history = [train["last_losses"]] if train.get("last_losses") else []
+        print(f"{self.cfg.dataset}: warm start from {model_dir} at iteration {self.it}", flush=True)
 
     def prepare(self) -> None:
         """Choose eager or graph replay for this invocation and record the segment."""
@@ -443,7 +468,7 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
             chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device, r.cfg.seed,
                                                  r.cfg.select_images)
             summary["export_selection"] = selection
-            export(r.cfg, chosen, summary)
+            export(r.cfg, chosen, r.model.D, summary)
         summaries.append(summary)
     return summaries
 
@@ -512,9 +537,10 @@ def choose_generator(G: nn.Module, G_ema: nn.Module | None, images: torch.Tensor
         "measured_on": f"{n} training images, projection L=100 R=4 seed {seed}"}
 
 
-def export(cfg: GANTrainConfig, G: nn.Module, summary: dict) -> None:
+def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> None:
     out = Path(cfg.out_dir)
     checkpoint.save_module(G, out / "generator.safetensors", "generator")
+    checkpoint.save_module(D, out / "critic.safetensors", "critic")  # lets --warm-start continue training
     modes = sorted({s.get("mode", "eager") for s in summary["segments"]})
     checkpoint.update_card(out, dataset=cfg.dataset, generator={
         "file": "generator.safetensors",
@@ -534,5 +560,6 @@ def export(cfg: GANTrainConfig, G: nn.Module, summary: dict) -> None:
                        f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2}); EMA of G with decay "
                        f"{cfg.ema} (warm-up min(decay, (1+t)/(10+t)))" if cfg.ema else "; no EMA"),
             "export_selection": summary.get("export_selection"),
+            "critic": "critic.safetensors (the critic at the last iteration; `--warm-start` continues from it)",
         },
     })

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lent-GPU call 2 of 2, on the machine scripts/gpu_train.sh just used (same $W): return the
-# Fashion-MNIST checkpoint, then per data set (concurrently) `purifier eval` of the new models
+# Lent-GPU call 2 of 2, on the machine scripts/gpu_train.sh just used (same $W): return one
+# run's exact checkpoint (CKPT), then per data set (concurrently) `purifier eval` of the new models
 # at the paper and fast settings (clean, oblivious FGSM, substitute-B transfer, the paper's
 # black-box protocol; eps 0.3) and the robustness-vs-iterations sweep over the snapshots
 # (paper setting, SWEEP_N images). Results packed under $OUT as they finish.
@@ -14,7 +14,8 @@ SWEEP_N=${SWEEP_N:-500}
 ATTACKS=${ATTACKS:-fgsm,transfer,blackbox}
 EVAL_EXTRA=${EVAL_EXTRA:-}
 source "$(dirname "$0")/gpu_lib.sh"
-mkdir -p "$OUT/ckpt-fashion-mnist" && cp "$W"/gan-fashion-mnist/checkpoint/* "$OUT/ckpt-fashion-mnist/"
+CKPT=${CKPT:-mnist}   # which run's exact checkpoint comes back (two do not fit one call's 64 MiB)
+mkdir -p "$OUT/ckpt-$CKPT" && cp "$W"/gan-$CKPT/checkpoint/* "$OUT/ckpt-$CKPT/"
 pack() { tar --exclude='cache' --exclude='checkpoint' --exclude='*.safetensors' -czf "$OUT/results2.tar.gz" "$W" 2>/dev/null; }
 
 per_dataset() {

@@ -2,12 +2,15 @@
 # Lent-GPU call 1 of 2 (issue 9): the generators get the lease.
 #   1. check the CUDA-graph-captured WGAN-GP iteration against the eager one (10 updates,
 #      identical random inputs, fp32), then train MNIST and Fashion-MNIST at once (one CUDA
-#      stream each) for TRAIN_MIN minutes, resuming from $W/gan-<ds>/checkpoint when present;
+#      stream each) for TRAIN_MIN minutes, resuming from $W/gan-<ds>/checkpoint when present, else
+#      warm-starting from the shipped models/<ds> (generator + critic.safetensors);
 #   2. export each generator (G or its EMA, whichever reconstructs training images better),
 #      train its encoder;
-#   3. pack under $OUT: both model folders, the MNIST checkpoint (parts < 16 MiB) and the
-#      logs. The Fashion-MNIST checkpoint and the snapshots stay in $W (git-ignored, kept on
-#      a warm machine) for call 2, scripts/gpu_eval.sh, which also returns them.
+#   3. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
+#      enough for `train-gan --warm-start` next lease) and the logs. The exact checkpoints
+#      (35 MiB each, parts < 16 MiB) and the snapshots stay in $W (git-ignored, kept on a warm
+#      machine): call 2, scripts/gpu_eval.sh, returns the MNIST one with the results, and
+#      `CKPT=fashion-mnist scripts/gpu_eval.sh` (or a plain copy) the other, budget permitting.
 # Usage (GPU machine, repo root, data carried under ./data/<name>):
 #   OUT=... bash scripts/gpu_train.sh          knobs: TRAIN_MIN BUDGET_S ITERS QUICK=1 DEVICE
 set -u
@@ -25,31 +28,35 @@ SELECT=${SELECT:-200}
 QUICK=${QUICK:-0}
 EXTRA=${EXTRA:-}
 source "$(dirname "$0")/gpu_lib.sh"
-[ "$QUICK" = 1 ] && { ITERS=6; SNAPSHOTS=2,4; ENC_STEPS=3; SELECT=4; }
+OUT=$(cd "$OUT" && pwd)
+MODELS=${MODELS:-models}   # where models/<ds> are read (warm start) and written (export)
+if [ "$QUICK" = 1 ]; then  # a dry run on tiny settings; never touches the shipped models
+  ITERS=6; SNAPSHOTS=2,4; ENC_STEPS=3; SELECT=4; MODELS=$W/quick-models
+  mkdir -p "$MODELS"; cp -r models/mnist models/fashion-mnist "$MODELS/"
+fi
 log "host: $($PY -c 'import sys,torch;print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")')"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$W/nvidia-smi.txt" 2>&1
-RESUME=""
-[ -f "$W/gan-mnist/checkpoint/manifest.json" ] && RESUME=--resume
 
 step train-gan $(python3 -c "print(int(60*$TRAIN_MIN)+100)") $P train-gan --dataset mnist,fashion-mnist \
   --data-dir "data/{dataset}" --device $DEVICE --iterations $ITERS --batch-size 64 --n-critic 5 --ema 0.999 \
-  --seed 0 --run-dir "$W/gan-{dataset}" --out "models/{dataset}" --checkpoint-every 25000 \
+  --seed 0 --run-dir "$W/gan-{dataset}" --out "$MODELS/{dataset}" --checkpoint-every 25000 \
   --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-images $SELECT \
-  --max-minutes "$TRAIN_MIN" --no-progress $RESUME $EXTRA
+  --max-minutes "$TRAIN_MIN" --no-progress --resume --warm-start "$MODELS/{dataset}" $EXTRA
 grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
 
 for ds in mnist fashion-mnist; do
   step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
-    --model-dir models/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" &
+    --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" &
 done
 wait
 
 for ds in mnist fashion-mnist; do
-  mkdir -p "$W/models/$ds"; cp models/$ds/*.safetensors models/$ds/card.json "$W/models/$ds/" 2>/dev/null
-  tar -cf "$OUT/models-$ds.tar" models/$ds/generator.safetensors models/$ds/encoder.safetensors models/$ds/card.json
+  mkdir -p "$W/models/$ds"; cp $MODELS/$ds/*.safetensors $MODELS/$ds/card.json "$W/models/$ds/" 2>/dev/null
+  tar -cf "$OUT/models-$ds.tar" -C "$MODELS/.." "$(basename "$MODELS")/$ds/generator.safetensors" \
+    "$(basename "$MODELS")/$ds/critic.safetensors" "$(basename "$MODELS")/$ds/encoder.safetensors" \
+    "$(basename "$MODELS")/$ds/card.json"
   cp "$W/gan-$ds/samples/$(ls "$W/gan-$ds/samples" | tail -1)" "$W/samples-$ds.png" 2>/dev/null
 done
-mkdir -p "$OUT/ckpt-mnist" && cp "$W"/gan-mnist/checkpoint/* "$OUT/ckpt-mnist/"
-tar --exclude='checkpoint' --exclude='snapshots' --exclude='models' -czf "$OUT/logs1.tar.gz" "$W"
-ls -la "$OUT" "$OUT/ckpt-mnist" | tee -a "$W/timeline.txt"
+(cd "$W" && tar -czf "$OUT/logs1.tar.gz" --ignore-failed-read *.log *.txt samples-*.png gan-*/samples) 2>/dev/null
+ls -la "$OUT" | tee -a "$W/timeline.txt"
 log "done"

@@ -151,6 +151,23 @@ def test_random_shift_moves_content_without_changing_it():
     assert y.shape == x.shape and torch.equal(y.sum((1, 2, 3)), x.sum((1, 2, 3)))
 
 
+def test_warm_start_continues_from_an_exported_generator_and_critic(tmp_path):
+    fake_dataset(tmp_path / "data")
+    train(_tiny(tmp_path, "first", iterations=3, out_dir=str(tmp_path / "model")), progress=False)
+    shipped = checkpoint.load_module(tmp_path / "model" / "generator.safetensors", "generator")
+    critic = checkpoint.load_module(tmp_path / "model" / "critic.safetensors", "critic")
+    cfg = _tiny(tmp_path, "second", iterations=3, warm_start=str(tmp_path / "model"))
+    run = train_many([cfg], progress=False)[0]
+    assert run["iterations"] == 3                       # already there: nothing to do
+    cfg = _tiny(tmp_path, "third", iterations=5, warm_start=str(tmp_path / "model"))
+    from purifier.train_gan import Run
+    r = Run(cfg, resume=True)
+    assert r.it == 3 and float(r.model.count) == 3.0
+    assert torch.equal(r.model.G.fc.weight, shipped.fc.weight) and torch.equal(r.model.G_ema.fc.weight, shipped.fc.weight)
+    assert torch.equal(r.model.D.fc.weight, critic.fc.weight)
+    assert train(cfg, resume=True, progress=False)["iterations"] == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_matches_eager_and_resumes(tmp_path):

@@ -41,6 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--part-mib", type=float, default=C.part_mib, help="checkpoint part size (MiB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint/")
+    p.add_argument("--warm-start", default=None, metavar="MODEL_DIR",
+                   help="without a checkpoint, continue from an exported generator + critic.safetensors "
+                        "(not exact: fresh Adam and RNG); may contain {dataset}")
     p.add_argument("--export-only", action="store_true",
                    help="export the last checkpoint to --out without training further")
     p.add_argument("--no-progress", action="store_true")
@@ -74,7 +77,7 @@ def configs(args) -> list:
             n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
             snapshot_at=snaps, cuda_graph=args.cuda_graph, part_mib=args.part_mib,
-            select_images=args.select_images, device=device))
+            select_images=args.select_images, warm_start=fill(args.warm_start), device=device))
     return out
 
 
