@@ -36,3 +36,15 @@ class DataError(PurifierError):
 
 class ConfigError(PurifierError, ValueError):
     """A setting has a bad value; the message says how to fix it."""
+
+
+class FlaggedInputError(PurifierError):
+    """The flagged-input policy is ``reject`` and the detector flagged images of the request:
+    it fails as a whole and nothing is forwarded. ``indices`` are the flagged images (0-based,
+    in request order), ``errors`` their reconstruction errors, ``threshold`` the one exceeded."""
+
+    def __init__(self, message: str, indices=(), errors=(), threshold: float | None = None):
+        super().__init__(message)
+        self.indices = tuple(int(i) for i in indices)
+        self.errors = tuple(float(e) for e in errors)
+        self.threshold = threshold

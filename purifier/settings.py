@@ -10,11 +10,13 @@ KServe's transformer flags (``--model_name``, ``--predictor_host``, ``--grpc_por
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .policy import POLICIES
 
 PROJECTIONS = ("paper", "fast")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -57,6 +59,8 @@ class ServeSettings:
     log_level: str = "info"
     downstream_timeout_s: float = 30.0  # when the caller sent no deadline
     downstream_retries: int = 3
+    on_flagged: str = "forward"  # what a flagged image does: forward (and flag) or reject the request
+    threshold: float | None = None  # detection threshold; None: the model card's
 
     def __post_init__(self):
         if not self.model_dir:
@@ -88,6 +92,11 @@ class ServeSettings:
             problems.append(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             problems.append(f"--cuda-graphs {self.cuda_graphs!r}: choose one of auto, on, off")
+        if self.on_flagged not in POLICIES:
+            problems.append(f"--on-flagged {self.on_flagged!r}: choose one of {', '.join(POLICIES)}")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold >= 0):
+            problems.append(f"--threshold {self.threshold}: give a reconstruction error >= 0 "
+                            "(or leave it unset for the model card's)")
         if self.log_level.lower() not in LOG_LEVELS:
             problems.append(f"--log-level {self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
         if self.downstream and ":" not in self.downstream:
@@ -157,6 +166,11 @@ _SERVE_FLAGS = [
     ("--tls-client-ca", str, "PEM CA bundle; when set, clients must present a certificate (mTLS)", []),
     ("--grace-seconds", float, "on SIGTERM: NOT_SERVING, then drain for at most this long", []),
     ("--log-level", str, "debug, info, warning or error", []),
+    ("--on-flagged", str, "what an image flagged adversarial does: forward (purify, forward, flag it in "
+                          "the answer) or reject (the whole request fails with FAILED_PRECONDITION; "
+                          "nothing is forwarded). Requests may ask only for a stricter policy", []),
+    ("--threshold", float, "detection threshold on the reconstruction error, overriding the model "
+                         "card's (see `purifier calibrate --target-fpr`)", []),
 ]
 
 _CLASSIFIER_FLAGS = [

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "purifier"
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf")
 CORE = {"purifier", "purifier.errors", "purifier.models", "purifier.checkpoint", "purifier.projection",
         "purifier.validation", "purifier.data", "purifier.hardware", "purifier.stats", "purifier.detection",
-        "purifier.offline"}
+        "purifier.offline", "purifier.policy"}
 TRANSPORT = ("purifier.server", "purifier.proto")
 ENTRY = ("purifier.cli", "purifier.commands", "purifier.settings")
 

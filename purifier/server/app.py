@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..engine import Batcher, Engine, Limits, choose_device
+from ..policy import Policy
 from ..proto import POOL
 from ..proto.inference import grpc_service_pb2_grpc as v2_grpc
 from ..proto.purifier.v1 import purifier_pb2_grpc
@@ -73,6 +74,7 @@ class Server:
         limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts)
         engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits,
                                             s.cuda_graphs)
+        policy = Policy.build(s.on_flagged, s.threshold, engine.threshold)   # reject needs a threshold
         self._batcher = Batcher(engine.project, self._executor, max_batch_size=s.max_batch_size,
                                 max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
                                 max_queue_size=s.max_queue_size, metrics=self.metrics)
@@ -80,7 +82,7 @@ class Server:
             self._downstream = Downstream(s.downstream, timeout_s=s.downstream_timeout_s,
                                           retries=s.downstream_retries, max_message_bytes=s.max_message_bytes,
                                           metrics=self.metrics)
-        self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name)
+        self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name, policy)
         self._batcher.start()
 
         server = self._grpc = grpc.aio.server(options=grpc_options(s.max_message_bytes))
@@ -111,6 +113,7 @@ class Server:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logs.log(log, logging.INFO, "serving", port=self.port, metrics_port=self.metrics_port, device=device,
                  model_dir=s.model_dir, projection=s.projection, downstream=s.downstream or None,
+                 on_flagged=policy.on_flagged, threshold=policy.threshold,
                  tls=s.tls, mtls=bool(s.tls_client_ca), http_port_ignored=s.http_port)
         return self
 

@@ -1,21 +1,28 @@
 """What both APIs call: purify a batch (through the batcher), classify it downstream, or
 pass a V2 request through. Servicers only decode, call this, and encode; the V2 messages
-the downstream exchanges are built by the V2 codec (``v2``)."""
+the downstream exchanges are built by the V2 codec (``v2``).
+
+Every purification goes through the flagged-input policy (``purifier.policy``): under
+``reject`` a request with a flagged image fails here, after its projection and before
+anything is forwarded."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..engine import Batcher, Engine
-from ..errors import NotFoundError
+from ..errors import FlaggedInputError, NotFoundError
+from ..policy import REASON_FLAGGED, Policy
 from ..projection import ProjectionConfig
 from ..proto.inference import grpc_service_pb2 as pb
-from . import v2
+from . import logs, v2
 from .downstream import Downstream
 
 PURIFIER_MODEL = "purifier"
+log = logging.getLogger("purifier.policy")
 
 
 @dataclass
@@ -29,26 +36,40 @@ class Purified:
 
 class DataPlane:
     def __init__(self, engine: Engine, batcher: Batcher, downstream: Downstream | None = None,
-                 metrics=None, default_model: str = "classifier"):
+                 metrics=None, default_model: str = "classifier", policy: Policy | None = None):
         self.engine = engine
         self.batcher = batcher
         self.downstream = downstream
         self.metrics = metrics
         self.default_model = default_model
+        self.policy = policy or Policy.build(card_threshold=engine.threshold)
         self._specs: dict[str, v2.InputSpec] = {}
 
-    async def purify(self, images, options: dict | None = None, deadline: float | None = None) -> Purified:
-        """images: (B, C, H, W) float in [0, 1] or uint8, as an array or tensor."""
+    async def purify(self, images, options: dict | None = None, deadline: float | None = None,
+                     on_flagged: str | None = None, model: str = PURIFIER_MODEL) -> Purified:
+        """images: (B, C, H, W) float in [0, 1] or uint8, as an array or tensor. ``on_flagged``:
+        the request's policy (None: the server's); ``model``: whom the images are for, as
+        rejections are counted. Raises FlaggedInputError when the policy rejects them."""
+        policy = self.policy.for_request(on_flagged)      # a bad choice fails before the compute
         cfg = self.engine.config(**(options or {}))
         x = self.engine.validate(images)                                 # (B, C, H, W) float32
         out, errors = await self.batcher.submit(x, cfg, deadline)
-        flags = self.engine.flags(errors)
+        flags = policy.flags(errors)
         if self.metrics is not None:
             self.metrics.images.inc(len(errors))
             self.metrics.flagged.inc(int(flags.sum()))
             for e in errors:
                 self.metrics.reconstruction_error.observe(float(e))
-        return Purified(out, errors, flags, self.engine.threshold, cfg)
+        try:
+            policy.check(errors, flags)
+        except FlaggedInputError as exc:
+            if self.metrics is not None:
+                self.metrics.policy_rejected.labels(model, REASON_FLAGGED).inc()
+            logs.log(log, logging.INFO, "rejected flagged input", model=model, reason=REASON_FLAGGED,
+                     flagged=list(exc.indices), errors=list(exc.errors), threshold=exc.threshold,
+                     images=len(flags))
+            raise
+        return Purified(out, errors, flags, policy.threshold, cfg)
 
     def need_downstream(self, model: str) -> Downstream:
         if self.downstream is None:
@@ -64,12 +85,13 @@ class DataPlane:
         return self._specs[model]
 
     async def classify(self, images, options: dict | None, model: str = "", deadline: float | None = None,
-                       request_id: str = "") -> tuple[Purified, pb.ModelInferResponse]:
+                       request_id: str = "", on_flagged: str | None = None
+                       ) -> tuple[Purified, pb.ModelInferResponse]:
         """Purify, then ask the downstream ``model`` (default: --model_name) to classify."""
         model = model or self.default_model
         downstream = self.need_downstream(model)
         spec = await self.input_spec(model, deadline)
-        purified = await self.purify(images, options, deadline)
+        purified = await self.purify(images, options, deadline, on_flagged, model)
         request = v2.infer_request(model, spec.name, v2.images_out(purified.images, spec.layout, spec.datatype),
                                    spec.datatype, request_id)
         response = await downstream.infer(request, deadline)
@@ -83,7 +105,8 @@ class DataPlane:
         downstream = self.need_downstream(request.model_name)
         index = v2.image_index(request, self.engine.image_shape)
         images, layout, _ = v2.images_in(request, index, self.engine.image_shape)
-        purified = await self.purify(images, v2.options(request.parameters), deadline)
+        purified = await self.purify(images, v2.options(request.parameters), deadline,
+                                     v2.on_flagged(request.parameters), request.model_name)
         forward = pb.ModelInferRequest()
         forward.CopyFrom(request)
         for key in list(forward.parameters):

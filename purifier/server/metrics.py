@@ -36,6 +36,10 @@ class Metrics:
         self.rejected = Counter("purifier_rejected",
                                 "Requests refused before compute, by reason (queue_full, deadline, shutdown)",
                                 ["reason"], registry=r)
+        self.policy_rejected = Counter("purifier_policy_rejected",
+                                       "Requests failed by the flagged-input policy (--on-flagged reject), by the "
+                                       "model they were for and reason (flagged: an image above the threshold)",
+                                       ["model", "reason"], registry=r)
         self.downstream_retries = Counter("purifier_downstream_retries",
                                           "Downstream calls retried after UNAVAILABLE", registry=r)
 

@@ -18,7 +18,8 @@ class PurifierServicer(pb_grpc.PurifierServicer):
     @rpc("Purify")
     async def Purify(self, request: pb.PurifyRequest, context) -> pb.PurifyResponse:
         images = v1.images_of(request, self.plane.engine.image_shape)
-        purified = await self.plane.purify(images, v1.options_of(request), deadline_of(context))
+        purified = await self.plane.purify(images, v1.options_of(request), deadline_of(context),
+                                           v1.on_flagged_of(request))
         return v1.purify_response(purified, logs.request_id.get())
 
     @rpc("Classify")
@@ -26,5 +27,5 @@ class PurifierServicer(pb_grpc.PurifierServicer):
         images = v1.images_of(request, self.plane.engine.image_shape)
         rid = logs.request_id.get()
         purified, answer = await self.plane.classify(images, v1.options_of(request), request.model_name,
-                                                     deadline_of(context), rid)
+                                                     deadline_of(context), rid, v1.on_flagged_of(request))
         return v1.classify_response(purified, answer, rid, request.model_name)

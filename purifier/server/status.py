@@ -25,6 +25,9 @@ CODES: dict[type[errors.PurifierError], grpc.StatusCode] = {
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    # well-formed images the detector flagged, under --on-flagged reject: not retryable as sent,
+    # and apart from INVALID_ARGUMENT (malformed input); see docs/service.md
+    errors.FlaggedInputError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -33,6 +36,14 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
         if cls in CODES:
             return CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def trailing_metadata(exc: errors.PurifierError) -> tuple[tuple[str, str], ...]:
+    """Machine-readable details of an error, beside its message: the flagged images' indices
+    (``purifier-flagged-indices: 0,2``) of a rejected request."""
+    if isinstance(exc, errors.FlaggedInputError):
+        return (("purifier-flagged-indices", ",".join(map(str, exc.indices))),)
+    return ()
 
 
 def deadline_of(context) -> float | None:
@@ -73,7 +84,8 @@ def rpc(method: str):
                 code = code_for(exc)
                 record(code)
                 logs.log(log, logging.INFO, f"{method} failed: {exc}", method=method, code=code.name)
-                await context.abort(code, str(exc))
+                await context.abort(code, str(exc), trailing_metadata=(
+                    ("x-request-id", rid), *trailing_metadata(exc)))
             except asyncio.CancelledError:
                 # the caller went away, or its deadline passed while we worked
                 remaining = context.time_remaining()

@@ -46,6 +46,11 @@ def options_of(request) -> dict:
     return {name: getattr(o, name) for name in ("steps", "restarts", "seed") if o.HasField(name)}
 
 
+def on_flagged_of(request) -> str | None:
+    """The request's flagged-input policy ("forward", "reject"), or None for the server's."""
+    return {pb.ON_FLAGGED_FORWARD: "forward", pb.ON_FLAGGED_REJECT: "reject"}.get(request.on_flagged)
+
+
 def fill_purification(out: pb.Purification, p: "Purified") -> None:
     array_to_tensor(np.ascontiguousarray(p.images, dtype=np.float32), out.images)
     out.reconstruction_error.extend(p.errors.tolist())

@@ -181,6 +181,17 @@ def options(parameters) -> dict:
     return out
 
 
+def on_flagged(parameters) -> str | None:
+    """The request parameter ``purifier_on_flagged`` ("forward" or "reject"; checked by the
+    policy), or None for the server's policy."""
+    value = params(parameters).get("purifier_on_flagged")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"parameter purifier_on_flagged must be a string (forward or reject), got {value!r}")
+    return value.strip().lower()
+
+
 def wanted_outputs(request: pb.ModelInferRequest, model: str, available) -> list[str]:
     """The outputs a request asks for (all when it names none); unknown names are refused."""
     wanted = [o.name for o in request.outputs] or list(available)

@@ -76,7 +76,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                                     f"got {len(request.inputs)}")
         wanted = v2.wanted_outputs(request, PURIFIER_MODEL, OUTPUTS)
         images, layout, datatype = v2.images_in(request, 0, self.plane.engine.image_shape)
-        purified = await self.plane.purify(images, v2.options(request.parameters), deadline_of(context))
+        purified = await self.plane.purify(images, v2.options(request.parameters), deadline_of(context),
+                                           v2.on_flagged(request.parameters))
         response = pb.ModelInferResponse(model_name=PURIFIER_MODEL, model_version="1", id=request.id)
         v2.add_outputs(response, {"purified": v2.images_out(purified.images, layout, datatype),
                                   "reconstruction_error": purified.errors.astype(np.float32),

@@ -16,6 +16,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     FLOAT64: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+
+class OnFlagged(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_FLAGGED_SERVER_DEFAULT: _ClassVar[OnFlagged]
+    ON_FLAGGED_FORWARD: _ClassVar[OnFlagged]
+    ON_FLAGGED_REJECT: _ClassVar[OnFlagged]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 UINT8: DType
@@ -23,6 +29,9 @@ INT64: DType
 INT32: DType
 FLOAT64: DType
 BOOL: DType
+ON_FLAGGED_SERVER_DEFAULT: OnFlagged
+ON_FLAGGED_FORWARD: OnFlagged
+ON_FLAGGED_REJECT: OnFlagged
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -51,16 +60,18 @@ class ProjectionOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., restarts: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PurifyRequest(_message.Message):
-    __slots__ = ("request_id", "tensor", "encoded", "options")
+    __slots__ = ("request_id", "tensor", "encoded", "options", "on_flagged")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ON_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensor: Tensor
     encoded: EncodedImages
     options: ProjectionOptions
-    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ...) -> None: ...
+    on_flagged: OnFlagged
+    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ..., on_flagged: _Optional[_Union[OnFlagged, str]] = ...) -> None: ...
 
 class Purification(_message.Message):
     __slots__ = ("images", "reconstruction_error", "adversarial", "threshold_calibrated", "threshold", "steps", "restarts")
@@ -89,18 +100,20 @@ class PurifyResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., purification: _Optional[_Union[Purification, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "tensor", "encoded", "options", "model_name")
+    __slots__ = ("request_id", "tensor", "encoded", "options", "model_name", "on_flagged")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ON_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensor: Tensor
     encoded: EncodedImages
     options: ProjectionOptions
     model_name: str
-    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ..., model_name: _Optional[str] = ...) -> None: ...
+    on_flagged: OnFlagged
+    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ..., model_name: _Optional[str] = ..., on_flagged: _Optional[_Union[OnFlagged, str]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
