@@ -9,6 +9,7 @@ and ``./data/<name>``. With ``download=True`` torchvision fetches the files into
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 import struct
 from dataclasses import dataclass
@@ -32,13 +33,15 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed) into a numpy array."""
+    """Read one IDX file (optionally gzip- or xz-compressed) into a numpy array."""
     path = Path(path)
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        elif raw[:6] == b"\xfd7zXZ\x00":  # xz: ~15% smaller than gzip, for moving data sets around
+            raw = lzma.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as exc:
         raise DataError(f"cannot read IDX file {path}: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
@@ -71,7 +74,7 @@ def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list
 
 def _find(name: str, stem: str, dirs: list[Path]) -> Path | None:
     for d in dirs:
-        for candidate in (d / stem, d / (stem + ".gz"), d / "raw" / stem, d / "raw" / (stem + ".gz")):
+        for candidate in [base / (stem + ext) for base in (d, d / "raw") for ext in ("", ".gz", ".xz")]:
             if candidate.is_file():
                 return candidate
     return None

@@ -59,3 +59,15 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
         data.load("fashion-mnist", "train", data_dir=tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):
         data.load("cifar", "train")
+
+
+def test_xz_compressed_idx_files_are_read(tmp_path):
+    import lzma
+
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    write_idx(tmp_path / "plain", arr)
+    (tmp_path / "train-images-idx3-ubyte.xz").write_bytes(lzma.compress((tmp_path / "plain").read_bytes()))
+    assert np.array_equal(data.read_idx(tmp_path / "train-images-idx3-ubyte.xz"), arr)
+    (tmp_path / "broken.xz").write_bytes(b"\xfd7zXZ\x00garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        data.read_idx(tmp_path / "broken.xz")
