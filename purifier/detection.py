@@ -71,33 +71,91 @@ def rates_at(threshold: float, negatives, positives=None) -> dict:
     return out
 
 
-def calibrate(generator, images, cfg, target_fpr: float, encoder=None, batch_size: int = 250,
-              progress: bool = True) -> dict:
-    """Purify clean validation ``images`` (N, C, H, W) with projection settings ``cfg`` and
-    pick the threshold for ``target_fpr``; returns the model card's ``detection`` section.
+def flag_rate(threshold: float, scores) -> dict:
+    """How many of ``scores`` the rule ``score > threshold`` flags, as a rate with its 95%
+    Wilson interval: the false-positive rate when the scores are clean images'."""
+    from .stats import wilson_interval
 
-    The threshold only means something for the projection settings it was measured with
-    (fewer steps leave larger errors), so those settings are recorded beside it.
-    """
-    from dataclasses import asdict
+    a = _as_array(scores)
+    k = int((a > threshold).sum())
+    return {"rate": k / a.size, "ci95": list(wilson_interval(k, a.size)), "flagged": k, "n": int(a.size)}
 
+
+def reconstruction_errors(generator, images, cfg, encoder=None, batch_size: int = 250,
+                          progress: bool = True, desc: str = "calibrate") -> np.ndarray:
+    """(N,) reconstruction errors of ``images`` (N, C, H, W) under projection settings ``cfg``
+    (seeded per batch from ``cfg.seed``, so a rerun gives the same errors)."""
     import torch
     from tqdm.auto import tqdm
 
     from .projection import project
 
     errors = []
-    with tqdm(total=len(images), desc="calibrate", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), batch_size):
             x = images[start: start + batch_size]
             seed = None if cfg.seed is None else cfg.seed + start
             errors.append(project(generator, x, cfg.with_(seed=seed), encoder).errors.cpu())
             bar.update(len(x))
-    errors = torch.cat(errors).numpy()
+    return torch.cat(errors).numpy()
+
+
+def calibrate(generator, images, cfg, target_fpr: float, encoder=None, batch_size: int = 250,
+              progress: bool = True, heldout=None) -> dict:
+    """Purify clean validation ``images`` (N, C, H, W) with projection settings ``cfg`` and
+    pick the threshold for ``target_fpr``; returns the model card's ``detection`` section.
+
+    The rate measured on the images that chose the threshold is at most the target by
+    construction; ``heldout`` (M, C, H, W), other clean images, gives the rate a server will
+    see (section ``heldout``: rate, 95% interval, flagged, n).
+
+    The threshold only means something for the projection settings it was measured with
+    (fewer steps leave larger errors), so those settings are recorded beside it.
+    """
+    from dataclasses import asdict
+
+    errors = reconstruction_errors(generator, images, cfg, encoder, batch_size, progress)
     threshold = threshold_for_fpr(errors, target_fpr)
     measured = rates_at(threshold, errors)["fpr"]
-    return {"threshold": threshold, "rule": "adversarial when reconstruction error > threshold",
-            "target_fpr": target_fpr, "fpr": measured, "n": int(errors.size),
-            "clean_error": {"mean": float(errors.mean()), "median": float(np.median(errors)),
-                            "max": float(errors.max())},
-            "projection": asdict(cfg)}
+    section = {"threshold": threshold, "rule": "adversarial when reconstruction error > threshold",
+               "target_fpr": target_fpr, "fpr": measured, "n": int(errors.size),
+               "clean_error": {"mean": float(errors.mean()), "median": float(np.median(errors)),
+                               "max": float(errors.max())},
+               "projection": asdict(cfg)}
+    if heldout is not None and len(heldout):
+        held_errors = reconstruction_errors(generator, heldout, cfg, encoder, batch_size, progress, "held-out")
+        section["heldout"] = flag_rate(threshold, held_errors)
+    return section
+
+
+def abstention(correct, scores, threshold: float, attacked: bool) -> dict:
+    """What a caller of a server that rejects flagged inputs (``--on-flagged reject``) gets on
+    these images: ``correct`` (N,) bool, the classifier right on the purified image; ``scores``
+    (N,) their reconstruction errors; ``attacked``: the images are adversarial (a rejection
+    then protects the caller) or clean (a rejection is a refused clean input).
+
+    - ``rejected``: share with error > threshold (on clean images: the clean rejection rate);
+    - ``accepted_accuracy``: accuracy on the images let through (NaN when none is);
+    - ``protected_accuracy``: (correct and accepted + rejected if attacked) / N; on clean
+      images only correct and accepted counts.
+
+    Each with its 95% Wilson interval.
+    """
+    from .stats import wilson_interval
+
+    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    rejected = _as_array(scores) > threshold
+    if correct.size != rejected.size:
+        raise ValueError(f"{correct.size} predictions for {rejected.size} scores")
+    n, k_rej = int(rejected.size), int(rejected.sum())
+    n_acc, k_acc = n - k_rej, int((correct & ~rejected).sum())
+    k_prot = k_acc + (k_rej if attacked else 0)
+
+    def share(k: int, m: int, key: str) -> dict:
+        return {key: k / m if m else float("nan"), "ci95": list(wilson_interval(k, m)),
+                "count" if key == "rate" else "correct": k, "n": m}
+
+    return {"threshold": float(threshold), "attacked": bool(attacked),
+            "rejected": share(k_rej, n, "rate"),
+            "accepted_accuracy": share(k_acc, n_acc, "accuracy"),
+            "protected_accuracy": share(k_prot, n, "accuracy")}

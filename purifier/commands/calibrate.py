@@ -13,7 +13,10 @@ def add_arguments(p) -> None:
     add_data(p, default=None)
     add_device(p)
     p.add_argument("--target-fpr", type=float, default=0.05, help="share of clean images flagged (default 0.05)")
-    p.add_argument("--n", type=int, default=1000, help="validation images")
+    p.add_argument("--n", type=int, default=1000, help="validation images that choose the threshold")
+    p.add_argument("--heldout-n", type=int, default=1000,
+                   help="other clean images of the same slice on which the chosen threshold's false-positive "
+                        "rate is measured (the rate a server will see; at most HOLDOUT - N; 0: skip)")
     p.add_argument("--holdout", type=int, default=5000,
                    help="draw the images from the last HOLDOUT of the training split (the usual "
                         "validation slice; the test split stays for `purifier eval`)")
@@ -28,8 +31,23 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def operating_point(section: dict) -> str:
+    """One line for the operator: the threshold and the clean rates it gives."""
+    line = (f"threshold {section['threshold']:.6g} (target false-positive rate {section['target_fpr']:.1%}): "
+            f"flags {section['fpr']:.1%} of the {section['n']} clean images that chose it")
+    h = section.get("heldout")
+    if h is None:
+        return line + "; no held-out images left to measure it on (raise --holdout or lower --n)"
+    lo, hi = h["ci95"]
+    return line + (f" and {h['rate']:.1%} [95% {lo:.1%}, {hi:.1%}] ({h['flagged']}/{h['n']}) of held-out clean "
+                   "images: the rate a server with this threshold flags (and, with --on-flagged reject, "
+                   "refuses) clean inputs")
+
+
 def run(args) -> int:
     import json
+
+    import torch
 
     from .. import checkpoint, data, detection
     from ..errors import ConfigError
@@ -37,8 +55,8 @@ def run(args) -> int:
 
     if not 0 <= args.target_fpr < 1:
         raise ConfigError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
-    if args.n < 1 or args.holdout < 1:
-        raise ConfigError("--n and --holdout must be >= 1")
+    if args.n < 1 or args.holdout < 1 or args.heldout_n < 0:
+        raise ConfigError("--n and --holdout must be >= 1, --heldout-n >= 0")
     device = resolve_device(args)
     bundle = checkpoint.load_bundle(args.model_dir, device)
     dataset = args.dataset or bundle.card.get("dataset")
@@ -47,13 +65,18 @@ def run(args) -> int:
     cfg = preset(args.projection, has_encoder=bundle.encoder is not None, steps=args.steps,
                  restarts=args.restarts, latent_radius=args.latent_radius)
     train = data.load(dataset, "train", args.data_dir)
-    held = data.Split(train.images[-args.holdout:], train.labels[-args.holdout:], train.source)
-    val = data.subset(held, args.n, args.seed)
-    section = detection.calibrate(bundle.generator, val.images.to(device), cfg.with_(seed=args.seed),
-                                  args.target_fpr, bundle.encoder, args.batch_size, not args.no_progress)
+    held = train.images[-args.holdout:]
+    # One seeded order of the slice: the first N choose the threshold (the images data.subset
+    # would pick), the next HELDOUT_N, disjoint from them, measure it.
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))
+    val, rest = held[order[:args.n]], held[order[args.n:args.n + args.heldout_n]]
+    section = detection.calibrate(bundle.generator, val.to(device), cfg.with_(seed=args.seed),
+                                  args.target_fpr, bundle.encoder, args.batch_size, not args.no_progress,
+                                  heldout=rest.to(device))
     section["data"] = {"dataset": dataset, "split": "train", "slice": f"last {args.holdout}",
-                       "seed": args.seed, "source": train.source}
+                       "seed": args.seed, "source": train.source, "heldout_n": len(rest)}
     print(json.dumps(section, indent=2))
+    print(operating_point(section))
     if not args.dry_run:
         checkpoint.update_card(args.model_dir, detection=section)
         print(f"wrote the detection section into {args.model_dir}/card.json")
