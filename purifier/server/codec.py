@@ -1,12 +1,12 @@
 """Tensors on the wire: raw little-endian bytes with a dtype and shape (both APIs), V2's typed
-``contents`` fields, V2 BYTES elements, and PNG/JPEG files (decoded with torchvision).
+``contents`` fields, V2 BYTES elements, and PNG/JPEG files (decoded with Pillow, encoded with torchvision).
 
 Image layout in V2 requests: an input parameter ``layout`` ("NCHW" or "NHWC") decides;
 without it, a 4-D shape (B, H, W, C) that matches the model's image as NHWC (and not as
 NCHW) is read as NHWC, anything else as NCHW; a 3-D (B, H, W) is accepted for one-channel
 models. Errors are :class:`InvalidInputError` with a message that names the problem.
 
-Encoded files are checked from their headers before anything is decoded
+Encoded files (decoded with Pillow) are checked from their headers before anything is decoded
 (:func:`check_files`): PNG or JPEG only, each exactly the model's height x width (the
 decoder allocates what the header claims, so a 12000x12000 PNG of 1 KB is refused here,
 not after gigabytes of pixels), at most ``DecodeLimits.max_images`` files and
@@ -16,16 +16,21 @@ go to the log, never to the caller.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import io
 import logging
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, OverloadedError
 from . import logs
 
 log = logging.getLogger("purifier.codec")
@@ -228,28 +233,58 @@ def decode_images(blobs: list[bytes], image_shape: tuple[int, int, int],
                   limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """PNG/JPEG files -> uint8 (B, C, H, W), converted to the model's channel count.
     Headers are checked first (:func:`check_files`); the decoder only sees files of the
-    model's size."""
-    from torchvision.io import ImageReadMode, decode_image
+    model's size. Decoded with Pillow, which reports a corrupt file as an exception:
+    torchvision's ``decode_image`` (libpng's error longjmp) kills the whole process on a
+    49-byte PNG whose IDAT is broken (tests/service/test_hardening.py keeps that file)."""
+    from PIL import Image
 
-    c = image_shape[0]
-    mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
+    c, h, w = image_shape
     if not blobs:  # an empty batch: validation refuses it, with the same words for every input form
         return np.zeros((0, *image_shape), np.uint8)
     check_files(blobs, image_shape, limits)
-    images = []
+    out = np.empty((len(blobs), c, h, w), np.uint8)                    # (B, C, H, W)
     for i, blob in enumerate(blobs):
         try:
-            with _quiet_torchvision():
-                img = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=mode)  # (C, H, W)
-        except (RuntimeError, ValueError) as exc:
-            # the decoder's words name its source files and build directory: the log's, not the caller's
-            logs.log(log, logging.INFO, f"image {i} failed to decode", detail=str(exc))
+            with Image.open(io.BytesIO(blob), formats=("PNG", "JPEG")) as img:
+                if img.size != (w, h):  # Pillow's reading of the header: the same as ours, or refused
+                    raise ValueError(f"Pillow reads {img.size[0]}x{img.size[1]} (w x h)")
+                arr = np.asarray(img.convert("L" if c == 1 else "RGB"))  # (H, W) or (H, W, 3)
+        except Exception as exc:  # noqa: BLE001 - whatever a caller's file makes Pillow raise is the caller's
+            # the decoder's words may name files and libraries: the log's, not the caller's
+            logs.log(log, logging.INFO, f"image {i} failed to decode", detail=f"{type(exc).__name__}: {exc}")
             raise InvalidInputError(f"image {i} is not a decodable PNG or JPEG") from None
-        if tuple(img.shape) != tuple(image_shape):
-            raise InvalidInputError(f"model expects {image_shape[1]}x{image_shape[2]} images; image {i} "
-                                    f"decoded to {img.shape[1]}x{img.shape[2]}")
-        images.append(img)
-    return torch.stack(images).numpy()  # (B, C, H, W) uint8
+        out[i] = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    return out
+
+
+class DecodePool:
+    """Request decoding (``v1.images_of``, ``v2.images_in``) in a few threads of its own, so
+    neither PNG/JPEG files nor large tensors stall the event loop (health checks, other
+    requests). At most ``max_pending`` decodes wait or run; the next is refused at once
+    (UNAVAILABLE, like a full batch queue). Each call runs in the caller's context, so its
+    log lines carry the request id."""
+
+    def __init__(self, image_shape: tuple[int, int, int], limits: DecodeLimits = DecodeLimits(),
+                 threads: int = 2, max_pending: int = 256):
+        self.image_shape = tuple(image_shape)
+        self.limits = limits
+        self.max_pending = max_pending
+        self._pending = 0
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="purifier-decode")
+
+    async def run(self, fn, *args):
+        """``fn(*args, image_shape, limits=limits)`` in a decode thread."""
+        if self._pending >= self.max_pending:
+            raise OverloadedError(f"{self._pending} requests are being decoded; retry later")
+        self._pending += 1
+        try:
+            call = functools.partial(contextvars.copy_context().run, fn, *args, self.image_shape, limits=self.limits)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            self._pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
 
 
 def encode_pngs(images: np.ndarray) -> list[bytes]:
@@ -307,8 +342,8 @@ def image_array(datatype: str, shape, raw: bytes | None = None, contents=None,
     if datatype == "BYTES":
         shape = check_shape(shape, what)
         if count(shape) > limits.max_images:  # before splitting: millions of empty elements cost time
-            raise InvalidInputError(f"{what}: shape {list(shape)} declares {count(shape)} image files; "
-                                    f"this server's limit is {limits.max_images} per request")
+            raise InvalidInputError(f"{what}: shape {list(shape)} declares {count(shape)} image files, above "
+                                    f"this server's limit of {limits.max_images} per request")
         if raw is not None:
             blobs = split_bytes_elements(raw, what)
         else:

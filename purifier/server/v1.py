@@ -32,12 +32,12 @@ def array_to_tensor(arr: np.ndarray, out: pb.Tensor) -> None:
     out.data = codec.to_raw(arr)
 
 
-def images_of(request, image_shape) -> np.ndarray:
+def images_of(request, image_shape, limits: codec.DecodeLimits = codec.DecodeLimits()) -> np.ndarray:
     which = request.WhichOneof("images")
     if which == "tensor":
         return tensor_to_array(request.tensor)
     if which == "encoded":
-        return codec.decode_images(list(request.encoded.images), image_shape)
+        return codec.decode_images(list(request.encoded.images), image_shape, limits)
     raise InvalidInputError("no images: set tensor (raw bytes) or encoded (PNG/JPEG files)")
 
 

@@ -50,17 +50,27 @@ def set_param(mapping, key: str, value) -> None:
 
 
 def uses_raw(request: pb.ModelInferRequest) -> bool:
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+    """Whether the inputs travel in raw_input_contents (one per input) or in typed contents;
+    a request that mixes both is refused (the protocol forbids it; one would be ignored)."""
+    if not request.raw_input_contents:
+        return False
+    if len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
                                 f"{len(request.inputs)} inputs: send one per input, or none")
-    return bool(request.raw_input_contents)
+    typed = [inp.name for inp in request.inputs if inp.contents.ListFields()]
+    if typed:
+        raise InvalidInputError(f"inputs {typed} set contents and the request sets raw_input_contents: "
+                                "send each input's data in one of them, not both")
+    return True
 
 
-def input_array(request: pb.ModelInferRequest, index: int, image_shape) -> np.ndarray:
+def input_array(request: pb.ModelInferRequest, index: int, image_shape,
+                limits: codec.DecodeLimits = codec.DecodeLimits()) -> np.ndarray:
     """The image input ``index`` as an array (FP32/UINT8 as sent; BYTES decoded to uint8 NCHW)."""
     inp = request.inputs[index]
     raw = request.raw_input_contents[index] if uses_raw(request) else None
-    return codec.image_array(inp.datatype, inp.shape, raw, inp.contents, image_shape, what=f"input {inp.name!r}")
+    return codec.image_array(inp.datatype, inp.shape, raw, inp.contents, image_shape,
+                             what=f"input {inp.name!r}", limits=limits)
 
 
 def output_arrays(response: pb.ModelInferResponse) -> list[tuple[str, str, np.ndarray | list]]:
@@ -119,11 +129,12 @@ def set_input(request: pb.ModelInferRequest, index: int, arr: np.ndarray | list,
 
 # --- images and options in, images and results out -------------------------------------------
 
-def images_in(request: pb.ModelInferRequest, index: int, image_shape) -> tuple[np.ndarray, str, str]:
+def images_in(request: pb.ModelInferRequest, index: int, image_shape,
+              limits: codec.DecodeLimits = codec.DecodeLimits()) -> tuple[np.ndarray, str, str]:
     """Input ``index``'s images as (B, C, H, W) (FP32/UINT8 as sent; BYTES files decoded to
     uint8), the layout they came in, and the datatype to answer in (the input's; FP32 for files)."""
     inp = request.inputs[index]
-    images = input_array(request, index, image_shape)
+    images = input_array(request, index, image_shape, limits)
     if inp.datatype == "BYTES":
         return images, "NCHW", "FP32"
     nchw, layout = codec.to_nchw(images, image_shape, params(inp.parameters).get("layout"))
@@ -167,16 +178,19 @@ def replace_images(request: pb.ModelInferRequest, index: int, images: np.ndarray
 
 
 def options(parameters) -> dict:
-    """Projection options from V2 request parameters (purifier_steps/_restarts/_seed)."""
+    """Projection options from V2 request parameters (purifier_steps/_restarts/_seed): an
+    int64 parameter, or a string of ASCII digits (tritonclient sends some as strings).
+    Ranges are the engine's to check (``Engine.config``)."""
     given, out = params(parameters), {}
     for key, field in OPTION_PARAMS.items():
         value = given.get(key)
         if value is None:
             continue
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value) <= 40:
+            value = int(value.strip())  # isdigit alone admits '²', which int() refuses
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidInputError(f"parameter {key} must be an integer, got {value!r}")
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise InvalidInputError(f"parameter {key} must be an integer, got {shown}")
         out[field] = value
     return out
 
