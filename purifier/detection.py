@@ -135,7 +135,7 @@ def abstention(correct, scores, threshold: float, attacked: bool) -> dict:
     then protects the caller) or clean (a rejection is a refused clean input).
 
     - ``rejected``: share with error > threshold (on clean images: the clean rejection rate);
-    - ``accepted_accuracy``: accuracy on the images let through (NaN when none is);
+    - ``accepted_accuracy``: accuracy on the images let through (None when none is);
     - ``protected_accuracy``: (correct and accepted + rejected if attacked) / N; on clean
       images only correct and accepted counts.
 
@@ -152,7 +152,7 @@ def abstention(correct, scores, threshold: float, attacked: bool) -> dict:
     k_prot = k_acc + (k_rej if attacked else 0)
 
     def share(k: int, m: int, key: str) -> dict:
-        return {key: k / m if m else float("nan"), "ci95": list(wilson_interval(k, m)),
+        return {key: k / m if m else None, "ci95": list(wilson_interval(k, m)),
                 "count" if key == "rate" else "correct": k, "n": m}
 
     return {"threshold": float(threshold), "attacked": bool(attacked),

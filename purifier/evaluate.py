@@ -521,6 +521,9 @@ class Evaluation:
         if threshold is not None:
             results["clean"]["detection_at_card_threshold"] = {
                 "threshold": threshold, **detection.rates_at(threshold, clean_errors)}
+            # what a caller of a server with --on-flagged reject gets (docs/service.md)
+            results["clean"]["abstention"] = detection.abstention(clean_pur["pred"] == y, clean_errors,
+                                                                  threshold, attacked=False)
         artifacts = {"grids": {"clean": (self.x[:k], _from_uint8(clean_pur["image"][:k]))}, "roc": {}}
 
         pgd_purified_correct = {}
@@ -544,6 +547,8 @@ class Evaluation:
             if threshold is not None:
                 rates = detection.rates_at(threshold, clean_errors, pur["error"].numpy())
                 row["detection"]["at_card_threshold"] = {"threshold": threshold, **rates}
+                row["abstention"] = detection.abstention(pur["pred"] == yc, pur["error"].numpy(), threshold,
+                                                         attacked=True)
             if cell.threat == "blackbox":
                 row["substitute_accuracy"] = accuracy(adv["pred_substitute"] == yc)
                 row["substitute_clean_accuracy"] = accuracy(adv["pred_substitute_clean"] == yc)

@@ -42,6 +42,39 @@ THREAT_TITLES = {"clean": "none (clean)", "oblivious": "white-box, defense-obliv
                  "blackbox": "black-box, paper protocol (Papernot substitute)"}
 
 
+def _share(a: dict, key: str) -> str:
+    if not a["n"]:
+        return "- (none accepted)"
+    lo, hi = a["ci95"]
+    return f"{a[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def abstention_table(rows: list[dict]) -> list[str]:
+    """The rows' ``abstention`` at the card threshold: what a caller of a server with
+    ``--on-flagged reject`` gets (empty when the model card has no threshold)."""
+    rows = [r for r in rows if "abstention" in r]
+    if not rows:
+        return []
+    t = rows[0]["abstention"]["threshold"]
+    lines = ["", f"Rejecting flagged inputs (`--on-flagged reject`) at the card threshold {t:.6g}: rejected "
+                 "share (on clean images: the clean rejection rate), accuracy on the accepted images, and "
+                 "protected accuracy = (correct and accepted + rejected) / n on attacked images "
+                 "(correct and accepted / n on clean ones), each with its 95% Wilson interval.", "",
+             "| threat model | attack | eps | n | rejected | accuracy on accepted | protected accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["abstention"]
+        eps = "-" if r["eps"] is None else f"{r['eps']:g}"
+        lines.append(f"| {THREAT_TITLES[r['threat']]} | {_attack_title(r['attack'])} | {eps} | {r['n']} | "
+                     f"{_share(a['rejected'], 'rate')} | {_share(a['accepted_accuracy'], 'accuracy')} | "
+                     f"{_share(a['protected_accuracy'], 'accuracy')} |")
+    return lines
+
+
+def _attack_title(attack: str) -> str:
+    return {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2"}.get(attack, attack.upper())
+
+
 def markdown_table(results: dict) -> str:
     s = results["settings"]
     p = s["projection"]
@@ -60,10 +93,10 @@ def markdown_table(results: dict) -> str:
     for r in rows:
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
         auc = f"{r['detection']['auc']:.3f}" if "detection" in r else "-"
-        attack = {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2"}.get(
-            r["attack"], r["attack"].upper())
+        attack = _attack_title(r["attack"])
         lines.append(f"| {THREAT_TITLES[r['threat']]} | {attack} | {eps} | {r['n']} | "
                      f"{_acc(r['undefended'])} | {_acc(r['purified'])} | {auc} |")
+    lines += abstention_table(rows)
     blackbox = [r for r in results["cells"] if r["threat"] == "blackbox"]
     if blackbox:
         b = blackbox[0]["protocol"]
