@@ -49,6 +49,9 @@ class ServeSettings:
     max_queue_size: int = 256
     max_steps: int = 1000
     max_restarts: int = 20
+    max_compute: int = 128_000  # steps x restarts x images per request (a full batch at L=200, R=10)
+    max_decode_bytes: int = 8 * 1024 * 1024  # encoded PNG/JPEG bytes per request
+    decode_threads: int = 2   # threads decoding PNG/JPEG files, off the event loop
     projection: str = "fast"   # the shipped thresholds are calibrated for it; see docs/results.md
     cuda_graphs: str = "auto"  # auto: on for CUDA devices (whole-search CUDA graphs per batch bucket)
     max_message_bytes: int = 16 * 1024 * 1024
@@ -59,6 +62,8 @@ class ServeSettings:
     log_level: str = "info"
     downstream_timeout_s: float = 30.0  # when the caller sent no deadline
     downstream_retries: int = 3
+    downstream_unready_seconds: float = 10.0  # unreachable this long: NOT_SERVING (0: readiness ignores it)
+    downstream_probe_seconds: float = 2.0     # how often readiness probes the downstream (ServerReady)
     on_flagged: str = "forward"  # what a flagged image does: forward (and flag) or reject the request
     threshold: float | None = None  # detection threshold; None: the model card's
 
@@ -76,7 +81,8 @@ class ServeSettings:
             problems.append(f"--metrics-port {self.metrics_port}: use 0..65535, or -1 to turn metrics off")
         positive = dict(max_batch_size="--max-batch-size", max_queue_size="--max-queue-size",
                         max_steps="--max-steps", max_restarts="--max-restarts",
-                        max_message_bytes="--max-message-bytes")
+                        max_message_bytes="--max-message-bytes", max_compute="--max-compute",
+                        max_decode_bytes="--max-decode-bytes", decode_threads="--decode-threads")
         for name, flag in positive.items():
             if getattr(self, name) < 1:
                 problems.append(f"{flag} {getattr(self, name)}: must be at least 1")
@@ -88,6 +94,11 @@ class ServeSettings:
             problems.append(f"--grace-seconds {self.grace_seconds}: must be >= 0")
         if self.downstream_retries < 0 or self.downstream_timeout_s <= 0:
             problems.append("downstream retries must be >= 0 and its timeout > 0")
+        if not (math.isfinite(self.downstream_unready_seconds) and self.downstream_unready_seconds >= 0):
+            problems.append(f"--downstream-unready-seconds {self.downstream_unready_seconds}: must be >= 0 "
+                            "(0: readiness does not depend on the downstream)")
+        if not (math.isfinite(self.downstream_probe_seconds) and self.downstream_probe_seconds > 0):
+            problems.append(f"--downstream-probe-seconds {self.downstream_probe_seconds}: must be > 0")
         if self.projection not in PROJECTIONS:
             problems.append(f"--projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
         if self.cuda_graphs not in ("auto", "on", "off"):
@@ -157,6 +168,11 @@ _SERVE_FLAGS = [
     ("--max-queue-size", int, "requests waiting beyond this are refused at once with UNAVAILABLE", []),
     ("--max-steps", int, "cap on a request's steps L (above: INVALID_ARGUMENT)", []),
     ("--max-restarts", int, "cap on a request's restarts R (above: INVALID_ARGUMENT)", []),
+    ("--max-compute", int, "cap on a request's steps x restarts x images (above: INVALID_ARGUMENT, "
+                           "before it queues)", []),
+    ("--max-decode-bytes", int, "cap on the PNG/JPEG bytes of one request (above: INVALID_ARGUMENT, "
+                                "before decoding)", []),
+    ("--decode-threads", int, "threads that decode requests (PNG/JPEG files) off the event loop", []),
     ("--projection", str, "server default projection preset: paper (L=200, R=10) or fast", []),
     ("--cuda-graphs", str, "auto (on for CUDA), on or off: replay the default projection as one "
                            "CUDA graph per batch-size bucket (1, 2, 4, ... up to --max-batch-size)", []),
@@ -166,6 +182,10 @@ _SERVE_FLAGS = [
     ("--tls-client-ca", str, "PEM CA bundle; when set, clients must present a certificate (mTLS)", []),
     ("--grace-seconds", float, "on SIGTERM: NOT_SERVING, then drain for at most this long", []),
     ("--log-level", str, "debug, info, warning or error", []),
+    ("--downstream-unready-seconds", float, "readiness (health, ServerReady) turns NOT_SERVING once the "
+                                            "downstream has been unreachable this long, and back when it "
+                                            "answers (0: readiness ignores the downstream)", []),
+    ("--downstream-probe-seconds", float, "how often readiness probes the downstream (ServerReady)", []),
     ("--on-flagged", str, "what an image flagged adversarial does: forward (purify, forward, flag it in "
                           "the answer) or reject (the whole request fails with FAILED_PRECONDITION; "
                           "nothing is forwarded). Requests may ask only for a stricter policy", []),

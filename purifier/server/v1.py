@@ -22,7 +22,8 @@ ENUMS = {v: k for k, v in DTYPES.items()}
 
 def tensor_to_array(t: pb.Tensor) -> np.ndarray:
     if t.dtype not in (pb.FLOAT32, pb.UINT8):
-        raise InvalidInputError(f"images must be FLOAT32 (0..1) or UINT8 (0..255), got {pb.DType.Name(t.dtype)}")
+        name = pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else f"an unknown dtype ({t.dtype})"
+        raise InvalidInputError(f"images must be FLOAT32 (0..1) or UINT8 (0..255), got {name}")
     return codec.from_raw(t.data, DTYPES[t.dtype], t.shape, "images")
 
 
