@@ -26,6 +26,11 @@ class DownstreamError(PurifierError):
     """The downstream classifier server failed or cannot be reached."""
 
 
+class UnsupportedError(PurifierError):
+    """The operation is not offered here (e.g. a downstream that does not implement Triton's
+    ModelConfig); not retryable."""
+
+
 class ModelLoadError(PurifierError):
     """A model directory or file is missing, malformed or inconsistent."""
 

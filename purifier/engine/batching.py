@@ -21,7 +21,8 @@ so under load batches fill without any delay.
 
 The batcher is built whole: it is given the function that computes a batch (normally
 ``Engine.project``) and the executor to run it in. With ``metrics`` it records queue
-depth, queue time, refusals, and each batch's size and compute time.
+depth, queue time, refusals, each batch's size and compute time, and (``batch_done``) how
+many requests shared it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._last_batch_requests = 0
+        self._compute_s = 0.0   # the last batch's compute time, set in the executor thread
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
@@ -118,6 +120,8 @@ class Batcher:
                     if not it.future.done():
                         it.future.set_exception(exc)
                 continue
+            if self.metrics is not None:   # each request is charged the whole batch, as Triton counts it
+                self.metrics.batch_done(len(live), x.shape[0], self._compute_s)
             start = 0
             for it in live:
                 b = it.x.shape[0]
@@ -156,8 +160,9 @@ class Batcher:
         """One batch, in the executor's thread (timed there, so queueing is not counted)."""
         start = time.perf_counter()
         out = self.compute(x, cfg, should_stop=should_stop)
+        self._compute_s = time.perf_counter() - start
         if self.metrics is not None:
-            self.metrics.projection_seconds.observe(time.perf_counter() - start)
+            self.metrics.projection_seconds.observe(self._compute_s)
             self.metrics.batch_size.observe(x.shape[0])
         return out
 

@@ -7,7 +7,9 @@ limits, the batcher, no gRPC).
 - ``downstream``: the V2 gRPC client to the classifier behind us.
 - ``purifier_servicer`` / ``v2_servicer``: decode, await the data plane, encode.
 - ``status``: purifier.errors -> gRPC status codes, in one place.
-- ``metrics``, ``logs``: Prometheus metrics and structured logs.
+- ``metrics``, ``logs``: Prometheus metrics and structured logs; ``statistics``: model
+  ``purifier``'s Triton-style statistics (ModelStatistics).
+- ``readiness``: what "ready" means (warm, not draining, downstream reachable), in one place.
 - ``app``: ``create_server(settings)`` and ``serve(settings)`` (health, reflection, TLS, SIGTERM).
 - ``classifier``: the reference downstream classifier server.
 """
