@@ -155,8 +155,8 @@ _SERVE_FLAGS = [
     ("--model-dir", str, "model directory (the shipped model by default)", []),
     ("--host", str, "address to bind", []),
     ("--grpc-port", int, "gRPC port (purifier.v1, KServe V2, health, reflection)", ["--grpc_port"]),
-    ("--http-port", int, "accepted for KServe, which passes it to transformers; purifier serves no REST, "
-                         "so it is only logged", ["--http_port"]),
+    ("--http-port", int, "serve the V2 REST API (KServe V2 / Triton HTTP) on this port too; unset: no REST "
+                         "(KServe passes 8080 to transformers)", ["--http_port"]),
     ("--metrics-port", int, "Prometheus metrics HTTP port (-1: off)", []),
     ("--downstream", str, "downstream V2 gRPC server host:port ('none': no downstream)", ["--predictor_host", "--predictor-host"]),
     ("--model-name", str, "downstream model that Classify calls; also answered as ready/metadata by "

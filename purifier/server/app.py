@@ -1,6 +1,10 @@
 """Assemble and run the purifier server: gRPC (purifier.v1, KServe V2, health, reflection),
 Prometheus metrics on their own port, TLS, and a graceful stop on SIGTERM.
 
+The port opens once the weights are loaded and before the warm-up batch; health says
+NOT_SERVING until warm-up ends, and afterwards whatever ``readiness`` decides (draining,
+a downstream unreachable for too long).
+
 Tests and embedders use the async context manager::
 
     async with create_server(ServeSettings(grpc_port=0, metrics_port=0, ...)) as server:
@@ -31,7 +35,9 @@ from .dataplane import DataPlane
 from .downstream import Downstream
 from .metrics import Metrics
 from .purifier_servicer import PurifierServicer
-from .v2_servicer import V2Servicer
+from .readiness import Readiness
+from .rest import RestApp, RestServer
+from .v2_servicer import V2, V2Servicer
 
 log = logging.getLogger("purifier.server")
 
@@ -46,32 +52,35 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.so_reuseport", 0)]
 
 
-class _State:
-    ready = False
-
-
 class Server:
     """One running purifier server; ``port`` and ``metrics_port`` are the bound ports."""
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.state = _State()
+        # ready: warm, not draining, downstream not unreachable too long; flips set gRPC health
+        self.state = Readiness(settings.downstream_unready_seconds if settings.downstream else 0,
+                               on_change=self._set_health)
         self.port: int | None = None
+        self.http_port: int | None = None      # REST, when --http-port is given
+        self._rest: RestServer | None = None
         self.metrics_port: int | None = None
-        self.metrics = Metrics()
+        self.metrics: Metrics | None = None   # built in start(), once the device is known
+        self._watch: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="purifier-projection")
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._http = None
+        self._metrics_http = None
         self._batcher: Batcher | None = None
         self._downstream: Downstream | None = None
+        self._decoder: codec.DecodePool | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> "Server":
         s = self.settings
         loop = asyncio.get_running_loop()
         device = choose_device(s.device, s.threads)
-        limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts)
+        self.metrics = Metrics(device=device)
+        limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts, s.max_compute)
         engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits,
                                             s.cuda_graphs)
         policy = Policy.build(s.on_flagged, s.threshold, engine.threshold)   # reject needs a threshold
@@ -82,12 +91,16 @@ class Server:
             self._downstream = Downstream(s.downstream, timeout_s=s.downstream_timeout_s,
                                           retries=s.downstream_retries, max_message_bytes=s.max_message_bytes,
                                           metrics=self.metrics)
-        self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name, policy)
+        self._decoder = codec.DecodePool(engine.image_shape, codec.DecodeLimits(s.max_batch_size, s.max_decode_bytes),
+                                        s.decode_threads, s.max_queue_size)
+        self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name, policy,
+                               self._decoder)
         self._batcher.start()
 
+        self.v2 = V2(self.plane, self.state, self.metrics)     # the V2 answers, for gRPC and REST alike
         server = self._grpc = grpc.aio.server(options=grpc_options(s.max_message_bytes))
         purifier_pb2_grpc.add_PurifierServicer_to_server(PurifierServicer(self.plane, self.metrics), server)
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.plane, self.state, self.metrics), server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.v2, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             server, pool=POOL)
@@ -102,19 +115,26 @@ class Server:
         else:
             self.port = server.add_insecure_port(address)
         await server.start()
+        if s.http_port is not None:
+            tls = (s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls else None
+            self._rest = RestServer(RestApp(self.v2, self.metrics, s.max_message_bytes), s.host, s.http_port, tls)
+            await self._rest.start()
+            self.http_port = self._rest.port
         if s.metrics_port >= 0:
-            self._http, self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
+            self._metrics_http, self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
+        if self._downstream is not None:   # probing starts now, so readiness knows at warm-up's end
+            self._watch = loop.create_task(self.state.watch(self._downstream.probe, s.downstream_probe_seconds),
+                                           name="purifier-readiness")
 
         # Ready only once a batch has run end to end (weights paged in, kernels chosen).
         await loop.run_in_executor(self._executor, codec.preload)
         await loop.run_in_executor(self._executor, engine.warm_up)
-        self.state.ready = True
-        for name in ("", *SERVICES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logs.log(log, logging.INFO, "serving", port=self.port, metrics_port=self.metrics_port, device=device,
-                 model_dir=s.model_dir, projection=s.projection, downstream=s.downstream or None,
+        self.state.warm = True
+        await self.state.changed()
+        logs.log(log, logging.INFO, "serving", ready=self.state.ready, port=self.port, http_port=self.http_port,
+                 metrics_port=self.metrics_port, device=device, model_dir=s.model_dir, projection=s.projection, downstream=s.downstream or None,
                  on_flagged=policy.on_flagged, threshold=policy.threshold,
-                 tls=s.tls, mtls=bool(s.tls_client_ca), http_port_ignored=s.http_port)
+                 tls=s.tls, mtls=bool(s.tls_client_ca))
         return self
 
     async def stop(self, grace: float | None = None) -> None:
@@ -122,24 +142,33 @@ class Server:
         if self._stopped.is_set():
             return
         grace = self.settings.grace_seconds if grace is None else grace
-        self.state.ready = False
+        self.state.draining = True
+        if self._watch is not None:
+            self._watch.cancel()
         logs.log(log, logging.INFO, "draining", grace_s=grace, queued=self._batcher.depth if self._batcher else 0)
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await asyncio.gather(self._grpc.stop(grace), *([self._rest.stop(grace)] if self._rest else []))
         if self._batcher is not None:
             await self._batcher.close()
         if self._downstream is not None:
             await self._downstream.close()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self._executor.shutdown(wait=False)
+        if self._decoder is not None:
+            self._decoder.close()
         self._stopped.set()
         logs.log(log, logging.INFO, "stopped")
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+    async def _set_health(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICES):
+            await self._health.set(name, status)
 
 
 @asynccontextmanager

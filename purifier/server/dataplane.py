@@ -8,7 +8,9 @@ anything is forwarded."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ from ..errors import FlaggedInputError, NotFoundError
 from ..policy import REASON_FLAGGED, Policy
 from ..projection import ProjectionConfig
 from ..proto.inference import grpc_service_pb2 as pb
-from . import logs, v2
+from . import codec, logs, v2
 from .downstream import Downstream
 
 PURIFIER_MODEL = "purifier"
@@ -34,9 +36,26 @@ class Purified:
     cfg: ProjectionConfig
 
 
+def _counted(purify):
+    """Model ``purifier``'s success/fail statistics (``Metrics.purification_done``): every
+    purification, from here to its answer or its error."""
+    @functools.wraps(purify)
+    async def counted(self, *args, **kwargs):
+        start, ok = time.perf_counter(), False
+        try:
+            result = await purify(self, *args, **kwargs)
+            ok = True
+            return result
+        finally:
+            if self.metrics is not None:
+                self.metrics.purification_done(ok, time.perf_counter() - start)
+    return counted
+
+
 class DataPlane:
     def __init__(self, engine: Engine, batcher: Batcher, downstream: Downstream | None = None,
-                 metrics=None, default_model: str = "classifier", policy: Policy | None = None):
+                 metrics=None, default_model: str = "classifier", policy: Policy | None = None,
+                 decoder: codec.DecodePool | None = None):
         self.engine = engine
         self.batcher = batcher
         self.downstream = downstream
@@ -44,7 +63,15 @@ class DataPlane:
         self.default_model = default_model
         self.policy = policy or Policy.build(card_threshold=engine.threshold)
         self._specs: dict[str, v2.InputSpec] = {}
+        self.decoder = decoder or codec.DecodePool(engine.image_shape,
+                                                   codec.DecodeLimits(max_images=engine.limits.max_batch_size))
 
+    async def decode(self, fn, *args):
+        """A request's images through its codec, off the event loop and within the decode
+        limits: ``decode(v2.images_in, request, index)``, ``decode(v1.images_of, request)``."""
+        return await self.decoder.run(fn, *args)
+
+    @_counted
     async def purify(self, images, options: dict | None = None, deadline: float | None = None,
                      on_flagged: str | None = None, model: str = PURIFIER_MODEL) -> Purified:
         """images: (B, C, H, W) float in [0, 1] or uint8, as an array or tensor. ``on_flagged``:
@@ -53,6 +80,7 @@ class DataPlane:
         policy = self.policy.for_request(on_flagged)      # a bad choice fails before the compute
         cfg = self.engine.config(**(options or {}))
         x = self.engine.validate(images)                                 # (B, C, H, W) float32
+        self.engine.check_compute(cfg, x.shape[0])
         out, errors = await self.batcher.submit(x, cfg, deadline)
         flags = policy.flags(errors)
         if self.metrics is not None:
@@ -104,7 +132,7 @@ class DataPlane:
         purification and the downstream's answer."""
         downstream = self.need_downstream(request.model_name)
         index = v2.image_index(request, self.engine.image_shape)
-        images, layout, _ = v2.images_in(request, index, self.engine.image_shape)
+        images, layout, _ = await self.decode(v2.images_in, request, index)
         purified = await self.purify(images, v2.options(request.parameters), deadline,
                                      v2.on_flagged(request.parameters), request.model_name)
         forward = pb.ModelInferRequest()

@@ -4,7 +4,11 @@ One channel for the server's lifetime (gRPC multiplexes calls over it and reconn
 itself). Each call gets the caller's remaining deadline; UNAVAILABLE is retried a bounded
 number of times with exponential backoff, within that deadline; downstream statuses map
 to purifier's errors (NOT_FOUND stays NOT_FOUND, a downstream's INVALID_ARGUMENT stays
-INVALID_ARGUMENT, anything else is UNAVAILABLE to our caller).
+INVALID_ARGUMENT, UNIMPLEMENTED stays UNIMPLEMENTED (a server without Triton's ModelConfig
+or ModelStatistics), anything else is UNAVAILABLE to our caller).
+
+``probe()`` is the readiness check (one ServerReady call, no retries, a short timeout);
+``server.readiness`` calls it on a schedule.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 
 import grpc
 
-from ..errors import DeadlineError, DownstreamError, InvalidInputError, NotFoundError
+from ..errors import DeadlineError, DownstreamError, InvalidInputError, NotFoundError, UnsupportedError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
 from . import logs
@@ -44,8 +48,9 @@ class Downstream:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def call(self, method: str, request, deadline: float | None = None, what: str = ""):
-        """Call ``method`` (ModelInfer, ModelReady, ...) within ``deadline`` (time.monotonic())."""
+    async def call(self, method: str, request, deadline: float | None = None, what: str = "", model: str = ""):
+        """Call ``method`` (ModelInfer, ModelReady, ...) for ``model`` within ``deadline``
+        (time.monotonic())."""
         end = deadline if deadline is not None else time.monotonic() + self.timeout_s
         start = time.monotonic()
         rpc = getattr(self._stub, method)
@@ -69,27 +74,58 @@ class Downstream:
                     await asyncio.sleep(pause)
         finally:
             if self.metrics is not None:
-                self.metrics.downstream_seconds.labels(method).observe(time.monotonic() - start)
+                self.metrics.downstream_seconds.labels(method, self.metrics.model_label(model)).observe(
+                    time.monotonic() - start)
 
     def _error(self, exc: grpc.aio.AioRpcError, method: str, what: str, tries: int):
+        """The caller's error: no address, resolver or transport text (those are logged here,
+        with the request id); a downstream's own NOT_FOUND/INVALID_ARGUMENT words are kept,
+        as they are meant for the caller."""
         code, details = exc.code(), exc.details()
+        logs.log(log, logging.WARNING, f"downstream {method}{what} failed", target=self.target,
+                 code=code.name, details=details, tries=tries)
         if code == grpc.StatusCode.NOT_FOUND:
-            return NotFoundError(f"downstream {self.target}: {details or 'model not found'}")
+            return NotFoundError(f"downstream: {details or 'model not found'}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidInputError(f"downstream {self.target} rejected the request: {details}")
+            return InvalidInputError(f"the downstream model rejected the request: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return UnsupportedError(f"the downstream model server does not implement {method}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineError(f"deadline passed waiting for downstream {self.target}")
+            return DeadlineError("deadline passed waiting for the downstream model server")
         if code == grpc.StatusCode.UNAVAILABLE:
-            return DownstreamError(f"downstream {self.target} unavailable after {tries} tries: {details}")
-        return DownstreamError(f"downstream {self.target} failed {method}{what}: {code.name}: {details}")
+            return DownstreamError(f"the downstream model server is unavailable (after {tries} tries); retry later")
+        return DownstreamError(f"the downstream model server failed {method}{what} ({code.name})")
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
-        return await self.call("ModelInfer", request, deadline, f" for model {request.model_name!r}")
+        return await self.call("ModelInfer", request, deadline, f" for model {request.model_name!r}",
+                               request.model_name)
 
     async def model_ready(self, name: str, version: str = "", deadline: float | None = None) -> bool:
-        resp = await self.call("ModelReady", pb.ModelReadyRequest(name=name, version=version), deadline)
+        resp = await self.call("ModelReady", pb.ModelReadyRequest(name=name, version=version), deadline,
+                               model=name)
         return resp.ready
 
     async def model_metadata(self, name: str, version: str = "",
                              deadline: float | None = None) -> pb.ModelMetadataResponse:
-        return await self.call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), deadline)
+        return await self.call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), deadline,
+                               model=name)
+
+    async def model_config(self, name: str, version: str = "",
+                           deadline: float | None = None) -> pb.ModelConfigResponse:
+        return await self.call("ModelConfig", pb.ModelConfigRequest(name=name, version=version), deadline,
+                               model=name)
+
+    async def model_statistics(self, name: str, version: str = "",
+                               deadline: float | None = None) -> pb.ModelStatisticsResponse:
+        return await self.call("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version), deadline,
+                               model=name)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """True when the downstream answers ServerReady with ready=true within ``timeout_s``;
+        False when it is unreachable, fails, or says it is not ready. One try: the schedule
+        that calls it is the retry."""
+        try:
+            resp = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return resp.ready

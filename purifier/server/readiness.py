@@ -76,5 +76,10 @@ class Readiness:
         """Probe every ``interval_s`` until cancelled; each probe may take at most that long."""
         while True:
             started = self.clock()
-            await self.downstream(await probe(interval_s))
+            try:
+                ok = await probe(interval_s)
+            except Exception:  # noqa: BLE001 - a probe that breaks must not end readiness checks
+                log.exception("downstream probe failed")
+                ok = False
+            await self.downstream(ok)
             await asyncio.sleep(max(0.0, interval_s - (self.clock() - started)))

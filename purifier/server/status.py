@@ -22,6 +22,7 @@ CODES: dict[type[errors.PurifierError], grpc.StatusCode] = {
     errors.OverloadedError: grpc.StatusCode.UNAVAILABLE,       # as Triton does: retry later
     errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.DownstreamError: grpc.StatusCode.UNAVAILABLE,
+    errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -52,11 +53,31 @@ def deadline_of(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _request_id(request, context) -> str:
-    rid = getattr(request, "request_id", "") or getattr(request, "id", "")
-    if not rid:
-        rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
-    return str(rid)[:128] or logs.new_request_id()
+MAX_REQUEST_ID = 128
+
+
+def model_named(request) -> str:
+    """The model a request names: V2 ``model_name`` or ``name``, purifier.v1 Classify's
+    ``model_name``; "" for none (health, server metadata, Purify)."""
+    return getattr(request, "model_name", "") or getattr(request, "name", "")
+
+
+def _request_id(request, context) -> tuple[str, errors.InvalidInputError | None]:
+    """The request's id (its ``request_id``/``id`` field, else the x-request-id header, else a
+    new one), and the error to answer with when the caller's id is unusable: it travels back
+    in metadata and in every log line, so it must be printable ASCII of bounded length. An
+    unusable id is replaced by a new one, so even the refusal can be traced."""
+    field = "request_id" if getattr(request, "request_id", "") else "id" if getattr(request, "id", "") else ""
+    rid = getattr(request, field) if field else dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    rid = str(rid)
+    where = f"field {field!r}" if field else "header x-request-id"
+    if len(rid) > MAX_REQUEST_ID:
+        problem = f"request id ({where}) has {len(rid)} characters; at most {MAX_REQUEST_ID} are allowed"
+    elif not all(" " <= ch <= "~" for ch in rid):
+        problem = f"request id ({where}) must be printable ASCII (no control or non-ASCII characters)"
+    else:
+        return rid or logs.new_request_id(), None
+    return logs.new_request_id(), errors.InvalidInputError(problem)
 
 
 def rpc(method: str):
@@ -66,17 +87,18 @@ def rpc(method: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            rid = _request_id(request, context)
+            rid, bad_id = _request_id(request, context)
             token = logs.request_id.set(rid)
             start = time.perf_counter()
 
             def record(code: grpc.StatusCode) -> None:
                 if self.metrics is not None:
-                    self.metrics.requests.labels(method, code.name).inc()
-                    self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+                    self.metrics.rpc_done(method, code.name, time.perf_counter() - start, model_named(request))
 
             try:
                 context.set_trailing_metadata((("x-request-id", rid),))
+                if bad_id is not None:
+                    raise bad_id  # before any work
                 response = await fn(self, request, context)
                 record(grpc.StatusCode.OK)
                 return response

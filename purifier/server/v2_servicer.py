@@ -4,57 +4,115 @@ Model ``purifier`` purifies: one image input (FP32 in [0, 1], UINT8, or BYTES ho
 PNG/JPEG files; layout NCHW or NHWC, see ``codec``), outputs ``purified`` (same datatype
 and layout as the input; FP32 NCHW for BYTES), ``reconstruction_error`` (FP32 [B]) and
 ``adversarial`` (BOOL [B]). Any other model name passes through to the downstream server.
+
+Triton's ModelConfig and ModelStatistics extensions: ``purifier`` describes itself
+(``purifier_config``: batch limit, tensors, dynamic batching) and reports its statistics
+(``statistics_message``, from ``Metrics.model_statistics``); other models' are the
+downstream's answer, passed on unchanged (UNIMPLEMENTED where the downstream has none,
+as MLServer and KServe's model server do not). ModelStatistics with no name lists
+``purifier`` and then every model the downstream reports.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .. import __version__
-from ..errors import DownstreamError, InvalidInputError
+from ..errors import DownstreamError, InvalidInputError, PurifierError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
-from . import v2
+from ..proto.inference import model_config_pb2 as mc
+from . import logs, v2
 from .dataplane import PURIFIER_MODEL, DataPlane
+from .statistics import Duration, Statistics
 from .status import deadline_of, rpc
 
+log = logging.getLogger("purifier.v2")
 OUTPUTS = ("purified", "reconstruction_error", "adversarial")
 
 
-class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+def purifier_config(plane: DataPlane) -> mc.ModelConfig:
+    """Model ``purifier`` as Triton describes a model. The input is listed as FP32 NCHW, the
+    form every client can send; UINT8, NHWC and BYTES (PNG/JPEG files) are accepted too
+    (parameter ``input_datatypes``)."""
+    engine, batcher = plane.engine, plane.batcher
+    c, h, w = engine.image_shape
+    cfg = mc.ModelConfig(
+        name=PURIFIER_MODEL, platform="purifier_defense_gan", backend="purifier",
+        max_batch_size=batcher.max_batch_size,
+        input=[mc.ModelInput(name="images", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                             dims=[c, h, w])],
+        output=[mc.ModelOutput(name="purified", data_type=mc.TYPE_FP32, dims=[c, h, w]),
+                mc.ModelOutput(name="reconstruction_error", data_type=mc.TYPE_FP32, dims=[1]),
+                mc.ModelOutput(name="adversarial", data_type=mc.TYPE_BOOL, dims=[1])],
+        dynamic_batching=mc.ModelDynamicBatching(
+            # on CUDA, the batch sizes with a captured graph run fastest
+            preferred_batch_size=engine.buckets if engine.graphs else [],
+            max_queue_delay_microseconds=int(batcher.max_delay * 1e6)),
+        instance_group=[mc.ModelInstanceGroup(
+            name="purifier", count=1,
+            kind=mc.ModelInstanceGroup.KIND_GPU if engine.device.type == "cuda" else mc.ModelInstanceGroup.KIND_CPU,
+            gpus=[engine.device.index or 0] if engine.device.type == "cuda" else [])])
+    for out in cfg.output[1:]:
+        out.reshape.SetInParent()          # dims [1] reshaped to []: the output is [B], Triton's idiom
+    params = {"input_datatypes": "FP32,UINT8,BYTES", "input_layouts": "NCHW,NHWC",
+              "steps": str(engine.default.steps), "restarts": str(engine.default.restarts),
+              "max_queue_size": str(batcher.max_queue_size)}
+    if plane.policy.threshold is not None:   # the threshold in force (--threshold, else the card's)
+        params["threshold"] = repr(float(plane.policy.threshold))
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_message(stats: Statistics) -> pb.ModelStatistics:
+    """Model ``purifier``'s statistics (``statistics.Statistics``) as Triton's message."""
+    return pb.ModelStatistics(
+        name=PURIFIER_MODEL, version="1", last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
+            compute_infer=_duration(stats.compute_infer)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                     for size, d in sorted(stats.batches.items())])
+
+
+class V2:
+    """The Open Inference Protocol's answers, free of any transport: each method takes the
+    request message and the caller's deadline and returns the response message. The gRPC
+    servicer below and the REST front end (``rest``) both call it."""
+
     def __init__(self, plane: DataPlane, state, metrics=None):
         self.plane = plane
-        self.state = state        # .ready: model loaded, warmed up, not draining
+        self.state = state        # .ready (the server), .model_ready (model purifier): see readiness
         self.metrics = metrics
+        self.config = purifier_config(plane)
 
-    @rpc("ServerLive")
-    async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+    def server_ready(self) -> bool:
+        return self.state.ready
 
-    @rpc("ServerReady")
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.state.ready)
-
-    @rpc("ServerMetadata")
-    async def ServerMetadata(self, request, context):
+    def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
 
-    @rpc("ModelReady")
-    async def ModelReady(self, request, context):
-        if request.name == PURIFIER_MODEL:
-            return pb.ModelReadyResponse(ready=self.state.ready)
-        downstream = self.plane.need_downstream(request.name)
+    async def model_ready(self, name: str, version: str = "", deadline: float | None = None) -> bool:
+        if name == PURIFIER_MODEL:
+            return self.state.model_ready
+        downstream = self.plane.need_downstream(name)
         try:
-            ready = await downstream.model_ready(request.name, request.version, deadline_of(context))
+            return await downstream.model_ready(name, version, deadline)
         except DownstreamError:
-            ready = False  # a model behind an unreachable server is not ready; not an error to probes
-        return pb.ModelReadyResponse(ready=ready)
+            return False  # a model behind an unreachable server is not ready; not an error to probes
 
-    @rpc("ModelMetadata")
-    async def ModelMetadata(self, request, context):
-        if request.name != PURIFIER_MODEL:
-            downstream = self.plane.need_downstream(request.name)
-            return await downstream.model_metadata(request.name, request.version, deadline_of(context))
+    async def model_metadata(self, name: str, version: str = "",
+                             deadline: float | None = None) -> pb.ModelMetadataResponse:
+        if name != PURIFIER_MODEL:
+            return await self.plane.need_downstream(name).model_metadata(name, version, deadline)
         c, h, w = self.plane.engine.image_shape
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -64,10 +122,30 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                      T(name="reconstruction_error", datatype="FP32", shape=[-1]),
                      T(name="adversarial", datatype="BOOL", shape=[-1])])
 
-    @rpc("ModelInfer")
-    async def ModelInfer(self, request: pb.ModelInferRequest, context):
+    async def model_config(self, name: str, version: str = "",
+                           deadline: float | None = None) -> pb.ModelConfigResponse:
+        if name != PURIFIER_MODEL:
+            return await self.plane.need_downstream(name).model_config(name, version, deadline)
+        return pb.ModelConfigResponse(config=self.config)
+
+    async def model_statistics(self, name: str = "", version: str = "",
+                               deadline: float | None = None) -> pb.ModelStatisticsResponse:
+        if name and name != PURIFIER_MODEL:
+            return await self.plane.need_downstream(name).model_statistics(name, version, deadline)
+        response = pb.ModelStatisticsResponse()
+        if self.metrics is not None:
+            response.model_stats.append(statistics_message(self.metrics.model_statistics()))
+        if not name and self.plane.downstream is not None:
+            try:
+                theirs = await self.plane.downstream.model_statistics("", "", deadline)
+                response.model_stats.extend(theirs.model_stats)
+            except PurifierError as exc:   # purifier's own statistics are still worth answering
+                logs.log(log, logging.WARNING, "ModelStatistics: the downstream's are left out", error=str(exc))
+        return response
+
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
         if request.model_name != PURIFIER_MODEL:
-            purified, response = await self.plane.pass_through(request, deadline_of(context))
+            purified, response = await self.plane.pass_through(request, deadline)
             response.id = request.id
             v2.annotate(response.parameters, purified)
             return response
@@ -75,8 +153,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInputError(f"model {PURIFIER_MODEL!r} takes one input (the images), "
                                     f"got {len(request.inputs)}")
         wanted = v2.wanted_outputs(request, PURIFIER_MODEL, OUTPUTS)
-        images, layout, datatype = v2.images_in(request, 0, self.plane.engine.image_shape)
-        purified = await self.plane.purify(images, v2.options(request.parameters), deadline_of(context),
+        images, layout, datatype = await self.plane.decode(v2.images_in, request, 0)
+        purified = await self.plane.purify(images, v2.options(request.parameters), deadline,
                                            v2.on_flagged(request.parameters))
         response = pb.ModelInferResponse(model_name=PURIFIER_MODEL, model_version="1", id=request.id)
         v2.add_outputs(response, {"purified": v2.images_out(purified.images, layout, datatype),
@@ -84,3 +162,44 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                                   "adversarial": purified.flags.astype(bool)}, wanted)
         v2.annotate(response.parameters, purified)
         return response
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService: each RPC is ``V2``'s answer with the caller's deadline."""
+
+    def __init__(self, api: V2, metrics=None):
+        self.api = api
+        self.metrics = metrics
+
+    @rpc("ServerLive")
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady")
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.api.server_ready())
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request, context):
+        return self.api.server_metadata()
+
+    @rpc("ModelReady")
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=await self.api.model_ready(request.name, request.version,
+                                                                      deadline_of(context)))
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(self, request, context):
+        return await self.api.model_metadata(request.name, request.version, deadline_of(context))
+
+    @rpc("ModelConfig")
+    async def ModelConfig(self, request, context):
+        return await self.api.model_config(request.name, request.version, deadline_of(context))
+
+    @rpc("ModelStatistics")
+    async def ModelStatistics(self, request, context):
+        return await self.api.model_statistics(request.name, request.version, deadline_of(context))
+
+    @rpc("ModelInfer")
+    async def ModelInfer(self, request: pb.ModelInferRequest, context):
+        return await self.api.infer(request, deadline_of(context))
