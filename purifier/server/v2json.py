@@ -79,7 +79,8 @@ def _json_raw(data, datatype: str, shape, what: str) -> bytes:
     if dtype.kind in "iu" and values:
         info = np.iinfo(dtype)
         if not all(float(v).is_integer() and info.min <= v <= info.max for v in values):
-            raise InvalidInputError(f"{what}: 'data' holds values that are not {datatype} integers")
+            raise InvalidInputError(f"{what}: 'data' holds values that are not {datatype} integers "
+                                    f"({info.min}..{info.max})")
     return codec.to_raw(np.asarray(values, dtype=dtype))
 
 

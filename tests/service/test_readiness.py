@@ -20,6 +20,7 @@ from purifier.server.readiness import Readiness
 
 from .conftest import Clients, images, running, running_classifier, settings_for, tensor
 from .test_downstream import free_port
+from .test_rest import call
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -93,7 +94,7 @@ def wait_for_health(channel, status, limit_s: float = 30) -> None:
 def test_not_serving_while_the_downstream_is_down_and_back_when_it_returns(aloop, tiny_model_dir):
     port = free_port()
     settings = settings_for(tiny_model_dir, downstream=f"127.0.0.1:{port}", downstream_unready_seconds=0.3,
-                            downstream_probe_seconds=0.05)
+                            downstream_probe_seconds=0.05, http_port=0)
     with running_classifier(aloop, tiny_model_dir, port=port) as cls:
         with running(aloop, settings) as server:
             clients = Clients(server.port)
@@ -107,6 +108,7 @@ def test_not_serving_while_the_downstream_is_down_and_back_when_it_returns(aloop
             for service in ("purifier.v1.Purifier", "inference.GRPCInferenceService"):
                 assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == NOT_SERVING
             assert not clients.v2.ServerReady(v2_pb.ServerReadyRequest()).ready
+            assert call(server, "/v2/health/ready")[0] == 400                   # REST says the same
             assert not clients.v2.ModelReady(v2_pb.ModelReadyRequest(name="classifier"), timeout=30).ready
             assert clients.v2.ModelReady(v2_pb.ModelReadyRequest(name="purifier")).ready
             assert clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=30)   # still works
@@ -114,6 +116,7 @@ def test_not_serving_while_the_downstream_is_down_and_back_when_it_returns(aloop
             with running_classifier(aloop, tiny_model_dir, port=port):       # and comes back
                 wait_for_health(clients.channel, SERVING)
                 assert clients.v2.ServerReady(v2_pb.ServerReadyRequest()).ready
+                assert call(server, "/v2/health/ready")[0] == 200
                 assert clients.v2.ModelReady(v2_pb.ModelReadyRequest(name="classifier"), timeout=30).ready
             clients.close()
 

@@ -159,3 +159,58 @@ def test_flagged_rejection_over_rest_names_the_images(aloop, tiny_model_dir):
             "inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}]})
         assert status == 400 and json.loads(body)["error"].startswith("rejected:")
         assert headers["purifier-flagged-indices"] == "0,1"
+
+
+def rest_body(req) -> tuple[bytes, dict]:
+    """A V2 gRPC request as tritonclient.http would send it: a JSON header, then the raw
+    inputs and BYTES files as binary data; typed numeric contents as JSON ``data``."""
+    from purifier.server import codec, v2
+
+    header = {"id": req.id, "parameters": v2.params(req.parameters), "inputs": []}
+    blobs = []
+    for i, inp in enumerate(req.inputs):
+        entry = {"name": inp.name, "datatype": inp.datatype, "shape": list(inp.shape),
+                 "parameters": v2.params(inp.parameters)}
+        if req.raw_input_contents:
+            blob = req.raw_input_contents[i]
+        elif inp.datatype == "BYTES":
+            blob = codec.join_bytes_elements(list(inp.contents.bytes_contents))
+        else:
+            blob, entry["data"] = None, list(getattr(inp.contents, codec.CONTENTS_FIELD[inp.datatype]))
+        if blob is not None:
+            entry["parameters"]["binary_data_size"] = len(blob)
+            blobs.append(blob)
+        header["inputs"].append(entry)
+    text = json.dumps(header).encode()
+    return text + b"".join(blobs), {"Inference-Header-Content-Length": str(len(text))}
+
+
+def _rest_cases():
+    from .test_hardening import V2_CASES
+
+    # REST carries each input once (no raw-and-contents), and its request id is the
+    # x-request-id header, checked apart (test_health_and_metadata_as_curl_sees_them)
+    skip = {"raw and contents", "id with newline", "id not ascii", "id too long"}
+    return {k: v for k, v in V2_CASES.items() if k not in skip}
+
+
+@pytest.fixture(scope="module")
+def rest_hardened(aloop, tmp_path_factory):
+    from .conftest import make_model_dir
+
+    d = make_model_dir(tmp_path_factory.mktemp("rest-hard"))
+    with running(aloop, settings_for(d, http_port=0, max_compute=6400, max_decode_bytes=64 * 1024)) as server:
+        yield server
+
+
+@pytest.mark.parametrize("case", list(_rest_cases()))
+def test_issue_11_bad_inputs_are_400_over_rest_too(rest_hardened, case):
+    from .test_hardening import LEAKS
+
+    make, words = _rest_cases()[case]
+    words = {"uint8 value 300": "not UINT8 integers (0..255)"}.get(case, words)   # REST's field is 'data'
+    body, headers = rest_body(make())
+    status, _, raw = call(rest_hardened, "/v2/models/purifier/infer", body, headers)
+    error = json.loads(raw)["error"]
+    assert status == 400 and words in error, error
+    assert not any(leak in error for leak in LEAKS), error
