@@ -57,3 +57,21 @@ def test_mutual_tls_requires_a_client_certificate(aloop, tiny_model_dir, pki):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         creds = grpc.ssl_channel_credentials(ca, (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes())
         assert len(purify(server.port, creds).purification.reconstruction_error) == 1
+
+
+def test_rest_follows_the_same_tls_and_mtls(aloop, tiny_model_dir, pki):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    s = settings_for(tiny_model_dir, http_port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                     tls_client_ca=str(pki / "ca.pem"))
+    with running(aloop, s) as server:
+        url = f"https://localhost:{server.http_port}/v2/health/ready"
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, context=anonymous, timeout=30).read()
+        known = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        known.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        with urllib.request.urlopen(url, context=known, timeout=30) as r:
+            assert r.status == 200 and r.read() == b'{"ready":true}'
