@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -214,3 +215,31 @@ def test_issue_11_bad_inputs_are_400_over_rest_too(rest_hardened, case):
     error = json.loads(raw)["error"]
     assert status == 400 and words in error, error
     assert not any(leak in error for leak in LEAKS), error
+
+
+def test_stop_lets_a_rest_request_in_flight_finish(aloop, tiny_model_dir):
+    import asyncio
+    import threading
+
+    from .conftest import hold_batches
+
+    with running(aloop, settings_for(tiny_model_dir, http_port=0)) as server:
+        seen = []
+        gate = hold_batches(server, seen)
+        x = images(1)
+        answers = []
+        body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}]}
+        thread = threading.Thread(target=lambda: answers.append(call(server, "/v2/models/purifier/infer", body)))
+        thread.start()
+        end = time.monotonic() + 30
+        while not seen:                                   # the request's batch is at the gate
+            assert time.monotonic() < end and thread.is_alive()
+            time.sleep(0.01)
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=30), aloop.loop)
+        while server.state.ready:                         # draining has begun
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        gate.set()
+        thread.join(60)
+        stopping.result(60)
+        assert answers and answers[0][0] == 200 and json.loads(answers[0][2])["outputs"]
