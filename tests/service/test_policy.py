@@ -207,6 +207,8 @@ def test_a_request_may_tighten_a_forward_server(forward):
     rejected(clients.v2.ModelInfer, v2_with_policy(mixed(), "purifier", "images", "reject"), [1])
     rejected(clients.purifier.Purify, pb.PurifyRequest(tensor=tensor(mixed()), on_flagged=pb.ON_FLAGGED_REJECT), [1])
     assert recording.seen == []
+    clients.v2.ModelInfer(v2_with_policy(images(2), "classifier", "input", "reject"), timeout=30)  # clean: passes
+    assert len(recording.seen) == 1 and "purifier_on_flagged" not in recording.seen[0].parameters
     with pytest.raises(grpc.RpcError) as e:
         clients.v2.ModelInfer(v2_with_policy(mixed(), "classifier", "input", "drop"), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "forward, reject" in e.value.details()
