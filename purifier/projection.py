@@ -13,7 +13,9 @@ Faster variants (issue 5, measured in ``docs/speed.md``), all opt-in through
 - ``prune_after``/``keep``: after a few steps, drop all but the ``keep`` best restarts
   of each image (their best-so-far is kept, so pruning can never make the answer worse
   than the restart it kept).
-- ``encoder_starts``: start that many restarts of each image at E(x), a learned inverse.
+- ``encoder_starts``: start that many restarts of each image at E(x), a learned inverse;
+  ``encoder_jitter``: fresh noise on the first of them too (the others always get 0.5
+  init_std), so that the answer without a seed is not the same on every call.
 - ``early_stop_tol``: every ``check_every`` steps (once pruning is done), retire each image
   whose restarts all improved their best error by less than this relative amount since the
   last check; the batch shrinks to the images still improving. One host sync per check.
@@ -111,6 +113,7 @@ class ProjectionConfig:
     prune_after: int = 0      # 0: never prune
     keep: int = 1             # restarts per image kept after pruning
     encoder_starts: int = 0   # restarts per image started at E(x) (needs an encoder)
+    encoder_jitter: float = 0.0  # noise (in init_std units) added to the first start at E(x) too
     early_stop_tol: float = 0.0  # 0: run all L steps
     check_every: int = 10
     seed: int | None = None   # None: fresh randomness per call (unpredictable restarts)
@@ -139,6 +142,8 @@ class ProjectionConfig:
             problems.append("prune_after must be >= 0 and keep >= 1")
         if self.encoder_starts < 0 or self.encoder_starts > self.restarts:
             problems.append(f"encoder_starts must be in [0, restarts], got {self.encoder_starts}")
+        if not (self.encoder_jitter >= 0 and math.isfinite(self.encoder_jitter)):
+            problems.append(f"encoder_jitter must be a number >= 0, got {self.encoder_jitter}")
         if self.early_stop_tol < 0 or self.check_every < 1:
             problems.append("early_stop_tol must be >= 0 and check_every >= 1")
         if self.cuda_graph and (self.compile or self.early_stop_tol):
@@ -159,9 +164,11 @@ class ProjectionConfig:
 # best one after 10 steps, 100 steps in all: 130 latent-steps per image against the paper's
 # 2,000, each under bf16 where the hardware has it; z kept on the sphere where the prior
 # N(0, I) puts its mass (||z|| = sqrt(D)), which measured better on clean and attacked images.
+# The start at E(x) won the pruning on every image (issue 11: two unseeded calls gave the same
+# bytes), so it gets fresh noise too (encoder_jitter, 0.5 init_std, as the other copies).
 PAPER = ProjectionConfig()
 FAST = ProjectionConfig(steps=100, restarts=4, optimizer="adam", lr=0.1, prune_after=10, keep=1,
-                        encoder_starts=1, precision="auto", latent_radius=1.0)
+                        encoder_starts=1, encoder_jitter=0.5, precision="auto", latent_radius=1.0)
 # The original code's reconstruction exactly (../shared/notes/original-defensegan.md): PAPER's
 # settings, but the answer is read at the last step instead of the best step seen.
 ORIGINAL = PAPER.with_(select="last")
@@ -299,6 +306,11 @@ def _initial_latents(generator, encoder, x, cfg: ProjectionConfig, gen: torch.Ge
         if cfg.encoder_starts > 1:  # jitter the copies so they explore different basins
             z[:, 1: cfg.encoder_starts] += 0.5 * std * torch.randn(
                 B, cfg.encoder_starts - 1, D, generator=gen, device=x.device)
+        if cfg.encoder_jitter:
+            # E(x) is deterministic and its start wins the pruning: without this, an unseeded call
+            # answers exactly as the last one did (issue 11), and an attacker gets exact gradients.
+            # Drawn after the other starts, so configurations without it keep their seeded answers.
+            z[:, 0] += cfg.encoder_jitter * std * torch.randn(B, D, generator=gen, device=x.device)
     return z
 
 

@@ -192,3 +192,42 @@ def test_preset_refuses_unknown_names_and_settings_and_bad_values():
         preset("paper", stepz=3)
     with pytest.raises(InvalidInputError, match="restarts must be >= 1"):
         preset("fast", restarts=0)
+
+
+class PerfectEncoder(torch.nn.Module):
+    """E(x) = the z that made x: the encoder start is the answer, so it wins every pruning
+    (the real encoder's start won on every probed image too, issue 11)."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = z
+
+    def forward(self, x):
+        return self.z[: x.shape[0]]
+
+
+def known_z_images(gen, n=4):
+    z = torch.randn(n, gen.latent_dim, generator=torch.Generator().manual_seed(5))
+    z = z * math.sqrt(gen.latent_dim) / z.norm(dim=1, keepdim=True)   # on FAST's sphere
+    with torch.no_grad():
+        return gen(z), PerfectEncoder(z)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_unseeded_answers_differ_and_seeded_repeat_in_every_preset(sharp_gen, name):
+    """Issue 11: without a seed no two calls may answer alike (an attacker would get exact
+    gradients); with one, the answer repeats exactly."""
+    x, encoder = known_z_images(sharp_gen)
+    cfg = preset(name, steps=12)              # past FAST's pruning at step 10
+    a, b = (project(sharp_gen, x, cfg, encoder).images for _ in range(2))
+    assert not torch.equal(a, b)
+    s1, s2 = (project(sharp_gen, x, cfg.with_(seed=7), encoder).images for _ in range(2))
+    assert torch.equal(s1, s2)
+
+
+def test_encoder_start_without_jitter_is_what_made_fast_deterministic(sharp_gen):
+    # the check above can fail: FAST without its jitter answers the same bytes twice here
+    x, encoder = known_z_images(sharp_gen)
+    cfg = preset("fast", steps=12).with_(encoder_jitter=0.0)
+    a, b = (project(sharp_gen, x, cfg, encoder).images for _ in range(2))
+    assert torch.equal(a, b)
