@@ -21,7 +21,8 @@ so under load batches fill without any delay.
 
 The batcher is built whole: it is given the function that computes a batch (normally
 ``Engine.project``) and the executor to run it in. With ``metrics`` it records queue
-depth, queue time, refusals, each batch's size and compute time, and (``batch_done``) how
+depth, queue time, refusals (``rejected{reason}``: queue_full, deadline, shutdown, and
+abandoned: a request of a batch stopped because none of its callers waited), each batch's size and compute time, and (``batch_done``) how
 many requests shared it.
 """
 
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import DeadlineError, OverloadedError
-from ..projection import ProjectionConfig
+from ..projection import Abandoned, ProjectionConfig
 
 # compute(x, cfg, should_stop=...) -> (images, errors); should_stop() -> True: abandon the batch
 Compute = Callable[..., "tuple[np.ndarray, np.ndarray]"]
@@ -116,6 +117,9 @@ class Batcher:
                 images, errors = await loop.run_in_executor(self.executor, self._compute, x, live[0].cfg,
                                                             _nobody_waits(live))
             except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+                if isinstance(exc, Abandoned):  # counted once per request nobody waited for
+                    for _ in live:
+                        self._reject("abandoned")
                 for it in live:
                     if not it.future.done():
                         it.future.set_exception(exc)

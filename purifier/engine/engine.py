@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint, projection, validation
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import ConfigError, InvalidInputError, ModelLoadError
 from ..projection import preset
 
 
@@ -41,6 +41,11 @@ class Engine:
         self.device = torch.device(device)
         self.limits = limits
         self.default = preset(default, has_encoder=bundle.encoder is not None)
+        full = self.default.steps * self.default.restarts * limits.max_batch_size
+        if full > limits.max_compute:
+            raise ConfigError(f"--max-compute {limits.max_compute} is below a full batch of the default projection "
+                              f"({limits.max_batch_size} images x {self.default.steps} steps x "
+                              f"{self.default.restarts} restarts = {full}): raise it, or lower --max-batch-size")
         if cuda_graphs == "on" and self.device.type != "cuda":
             raise ModelLoadError("--cuda-graphs on needs a CUDA device")
         # On CUDA the default projection replays as one captured graph per batch-size bucket

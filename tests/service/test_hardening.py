@@ -252,6 +252,7 @@ def long_request():
 def test_cancelled_request_stops_its_projection(shared):
     server, clients = shared
     gate = StepGate(server)
+    abandoned = metric(scrape(server), "purifier_rejected_total", reason="abandoned")
     try:
         call = clients.purifier.Purify.future(long_request(), timeout=60)
         assert gate.reached.wait(30)
@@ -262,6 +263,7 @@ def test_cancelled_request_stops_its_projection(shared):
         assert_still_serving(clients)      # runs after the abandoned batch: the worker is free
         assert gate.outcomes[0] == "abandoned"
         assert gate.asked < 200            # stopped between steps, long before its 200th
+        assert metric(scrape(server), "purifier_rejected_total", reason="abandoned") == abandoned + 1
     finally:
         gate.restore()
 
@@ -294,3 +296,11 @@ def test_stop_abandons_a_running_batch(aloop, tiny_model_dir):
         with pytest.raises(grpc.RpcError):
             call.result()
         clients.close()
+
+
+def test_compute_budget_below_a_full_default_batch_fails_at_start(tiny_model_dir):
+    from purifier.engine import Engine, Limits
+    from purifier.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--max-compute 100 is below a full batch"):
+        Engine.load(tiny_model_dir, "cpu", "fast", Limits(16, 200, 8, max_compute=100))
