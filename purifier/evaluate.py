@@ -204,7 +204,7 @@ class ChunkCache:
 class Cell:
     """One row of the results table: a threat model, an attack and its strength."""
 
-    threat: str            # clean | oblivious | transfer | adaptive
+    threat: str            # clean | oblivious | transfer | adaptive | blackbox
     attack: str            # none | fgsm | pgd | cw | bpda
     eps: float | None
     name: str              # cache key, e.g. "oblivious-fgsm-eps0.3"
