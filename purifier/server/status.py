@@ -90,6 +90,7 @@ def rpc(method: str):
             rid, bad_id = _request_id(request, context)
             token = logs.request_id.set(rid)
             start = time.perf_counter()
+            deadline = deadline_of(context)
 
             def record(code: grpc.StatusCode) -> None:
                 if self.metrics is not None:
@@ -109,9 +110,10 @@ def rpc(method: str):
                 await context.abort(code, str(exc), trailing_metadata=(
                     ("x-request-id", rid), *trailing_metadata(exc)))
             except asyncio.CancelledError:
-                # the caller went away, or its deadline passed while we worked
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
+                # the caller went away, or its deadline passed while we worked. gRPC's deadline
+                # timer may fire a little before time_remaining() reaches 0 (one expiry was counted
+                # CANCELLED, issue 11): compare with the deadline read on arrival, with 50 ms slack.
+                expired = deadline is not None and time.monotonic() >= deadline - 0.05
                 record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
                 raise
             except Exception:

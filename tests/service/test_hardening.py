@@ -271,6 +271,8 @@ def test_cancelled_request_stops_its_projection(shared):
 def test_request_past_its_deadline_stops_its_projection(shared):
     server, clients = shared
     gate = StepGate(server)
+    codes = {c: metric(scrape(server), "purifier_requests_total", method="Purify", code=c)
+             for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
     try:
         with pytest.raises(grpc.RpcError) as e:
             # the projection holds at its 5th step; the caller's deadline passes meanwhile
@@ -280,6 +282,11 @@ def test_request_past_its_deadline_stops_its_projection(shared):
         gate.release.set()
         assert_still_serving(clients)
         assert gate.outcomes[0] == "abandoned" and gate.asked < 200
+        # counted once, as what it was
+        assert metric(scrape(server), "purifier_requests_total", method="Purify",
+                      code="DEADLINE_EXCEEDED") == codes["DEADLINE_EXCEEDED"] + 1
+        assert metric(scrape(server), "purifier_requests_total", method="Purify",
+                      code="CANCELLED") == codes["CANCELLED"]
     finally:
         gate.restore()
 
