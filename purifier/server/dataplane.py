@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine import Batcher, Engine
-from ..errors import FlaggedInputError, NotFoundError
+from ..errors import FlaggedInputError, InvalidInputError, NotFoundError, OverloadedError
 from ..policy import REASON_FLAGGED, Policy
 from ..projection import ProjectionConfig
 from ..proto.inference import grpc_service_pb2 as pb
@@ -69,7 +69,16 @@ class DataPlane:
     async def decode(self, fn, *args):
         """A request's images through its codec, off the event loop and within the decode
         limits: ``decode(v2.images_in, request, index)``, ``decode(v1.images_of, request)``."""
-        return await self.decoder.run(fn, *args)
+        try:
+            return await self.decoder.run(fn, *args)
+        except OverloadedError:
+            self._refused("decode_busy")
+            raise
+
+    def _refused(self, reason: str) -> None:
+        """A request refused before compute, counted in ``rejected{reason}`` beside the batcher's."""
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
 
     @_counted
     async def purify(self, images, options: dict | None = None, deadline: float | None = None,
@@ -80,7 +89,11 @@ class DataPlane:
         policy = self.policy.for_request(on_flagged)      # a bad choice fails before the compute
         cfg = self.engine.config(**(options or {}))
         x = self.engine.validate(images)                                 # (B, C, H, W) float32
-        self.engine.check_compute(cfg, x.shape[0])
+        try:
+            self.engine.check_compute(cfg, x.shape[0])
+        except InvalidInputError:
+            self._refused("compute_budget")
+            raise
         out, errors = await self.batcher.submit(x, cfg, deadline)
         flags = policy.flags(errors)
         if self.metrics is not None:

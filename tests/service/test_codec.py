@@ -61,3 +61,31 @@ def test_uint8_answers_are_rounded_and_clipped():
     assert codec.to_dtype(np.zeros(2, np.float64), "FP32").dtype == np.float32
     with pytest.raises(InvalidInputError, match="no V2 datatype"):
         codec.v2_name(np.dtype("complex64"))
+
+
+def test_decode_pool_refuses_beyond_its_pending_limit_and_runs_in_the_callers_context():
+    import asyncio
+    import threading
+
+    from purifier.errors import OverloadedError
+    from purifier.server import logs
+
+    gate = threading.Event()
+
+    def held(x, image_shape, limits):
+        gate.wait(10)
+        return logs.request_id.get(), image_shape, limits.max_images
+
+    async def main():
+        pool = codec.DecodePool((1, 8, 8), codec.DecodeLimits(max_images=3), threads=1, max_pending=1)
+        logs.request_id.set("rid-7")
+        first = asyncio.ensure_future(pool.run(held, None))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="being decoded"):
+            await pool.run(held, None)
+        gate.set()
+        got = await first
+        pool.close()
+        return got
+
+    assert asyncio.run(main()) == ("rid-7", (1, 8, 8), 3)

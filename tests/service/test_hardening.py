@@ -156,6 +156,14 @@ def test_malformed_v2_request_is_invalid_argument(shared, case):
     assert_still_serving(clients)
 
 
+def test_compute_budget_refusals_are_counted_by_reason(shared):
+    server, clients = shared
+    before = metric(scrape(server), "purifier_rejected_total", reason="compute_budget")
+    with pytest.raises(grpc.RpcError):
+        clients.v2.ModelInfer(V2_CASES["compute budget"][0](), timeout=30)
+    assert metric(scrape(server), "purifier_rejected_total", reason="compute_budget") == before + 1
+
+
 @pytest.mark.parametrize("case", list(V1_CASES))
 def test_malformed_v1_request_is_invalid_argument(shared, case):
     _, clients = shared
