@@ -1,5 +1,6 @@
 """Tensors on the wire: raw little-endian bytes with a dtype and shape (both APIs), V2's typed
-``contents`` fields, V2 BYTES elements, and PNG/JPEG files (decoded with Pillow, encoded with torchvision).
+``contents`` fields, V2 BYTES elements, and PNG/JPEG files (decoded with Pillow, encoded with
+torchvision).
 
 Image layout in V2 requests: an input parameter ``layout`` ("NCHW" or "NHWC") decides;
 without it, a 4-D shape (B, H, W, C) that matches the model's image as NHWC (and not as
