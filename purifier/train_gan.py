@@ -67,6 +67,7 @@ class GANTrainConfig:
     snapshot_at: tuple[int, ...] = field(default_factory=tuple)  # keep G and EMA at these iterations
     part_mib: float = 15.0      # checkpoint part size
     select_images: int = 200    # training images on which G and its EMA are compared at export
+    select_by: str = "reconstruction"  # or "transfer": purified accuracy under attack (purifier.selection)
     warm_start: str | None = None  # model dir (generator + critic + card) to continue from without a checkpoint
 
 
@@ -200,9 +201,10 @@ class WGANGP:
                 self.G_ema.load_state_dict(s["G_ema"])
             else:  # no EMA yet, or one made without warm-up: start it from G
                 self.G_ema.load_state_dict(self.G.state_dict())
-        if s.get("rng") is not None:
-            self.gen.set_state(s["rng"].cpu())  # RNG states are CPU byte tensors, wherever loaded
-        else:  # state not saved: a fresh, still deterministic stream
+        try:  # RNG states are CPU byte tensors, wherever loaded
+            self.gen.set_state(s["rng"].cpu())
+        except (KeyError, RuntimeError):  # not saved, or from another device type (a CUDA run
+            # resumed on the CPU): a fresh, still deterministic stream
             self.gen.manual_seed(self.cfg.seed + 1_000_003 * iteration)
 
     # CUDA graph.
@@ -465,8 +467,16 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
     for r in runs:
         summary = r.summary()
         if r.cfg.out_dir:
-            chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device, r.cfg.seed,
-                                                 r.cfg.select_images)
+            if r.cfg.select_by == "transfer" and r.model.G_ema is not None:
+                from . import selection as sel
+
+                cands = {"G": r.model.G, "G_ema": r.model.G_ema}
+                name, selection = sel.choose({k: copy.deepcopy(v) for k, v in cands.items()}, r.cfg.out_dir,
+                                             r.cfg.dataset, r.cfg.data_dir, r.cfg.select_images, seed=r.cfg.seed)
+                chosen = cands[name]
+            else:
+                chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device,
+                                                     r.cfg.seed, r.cfg.select_images)
             summary["export_selection"] = selection
             export(r.cfg, chosen, r.model.D, summary)
         summaries.append(summary)
@@ -555,7 +565,8 @@ def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> No
             "step": modes,
             "last_losses": summary["last_losses"],
             "wall_seconds": summary["wall_seconds"],
-            "hardware": hardware(cfg.device),
+            "hardware": ", ".join(sorted({s["hardware"] for s in summary["segments"] if s.get("hardware")}))
+                        or hardware(cfg.device),
             "recipe": (f"WGAN-GP (GP {cfg.gp_weight}, {cfg.n_critic} critic steps per G step, "
                        f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2}); EMA of G with decay "
                        f"{cfg.ema} (warm-up min(decay, (1+t)/(10+t)))" if cfg.ema else "; no EMA"),

@@ -182,3 +182,24 @@ def test_cuda_graph_step_matches_eager_and_resumes(tmp_path):
     second = train(cfg, resume=True, progress=False)
     assert (first["iterations"], second["iterations"]) == (3, 6)
     assert [s["mode"] for s in second["segments"]] == ["cuda_graph", "cuda_graph"]
+
+
+def test_selection_by_defense_scores_every_candidate_and_picks_the_best(tmp_path):
+    from purifier import selection
+    from purifier.errors import ModelLoadError
+    from purifier.models import Classifier, Generator
+
+    fake_dataset(tmp_path / "data", n=12)
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    checkpoint.save_module(Classifier("D"), model_dir / "classifier.safetensors", "classifier")
+    with pytest.raises(ModelLoadError, match="substitute"):
+        selection.choose({"a": Generator(dim=4)}, model_dir, "mnist", str(tmp_path / "data"), n=4)
+    checkpoint.save_module(Classifier("D"), model_dir / "substitute.safetensors", "classifier")
+    cands = {"a": Generator(dim=4), "b": Generator(dim=4)}
+    best, report = selection.choose(cands, model_dir, "mnist", str(tmp_path / "data"), n=6)
+    scores = report["scores"]
+    assert set(scores) == {"a", "b"} and best in cands
+    key = lambda k: (scores[k]["attacked_accuracy"], scores[k]["clean_accuracy"])  # noqa: E731
+    assert key(best) == max(key(k) for k in scores)
+    assert all(0 <= s["attacked_accuracy"] <= 1 and s["clean_reconstruction_error"] > 0 for s in scores.values())

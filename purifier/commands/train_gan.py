@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
                    help="before training on CUDA, compare N graph replays with N eager updates; stop if they differ")
     p.add_argument("--select-images", type=int, default=C.select_images,
                    help="training images on which G and its EMA are compared before export")
+    p.add_argument("--select-by", choices=["reconstruction", "transfer"], default=C.select_by,
+                   help="how export picks G or its EMA: reconstruction error on training images, or purified "
+                        "accuracy under a transfer FGSM on held-out training images (needs classifier and "
+                        "substitute in --out; purifier.selection)")
     p.add_argument("--part-mib", type=float, default=C.part_mib, help="checkpoint part size (MiB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint/")
@@ -77,7 +81,7 @@ def configs(args) -> list:
             n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
             snapshot_at=snaps, cuda_graph=args.cuda_graph, part_mib=args.part_mib,
-            select_images=args.select_images, warm_start=fill(args.warm_start), device=device))
+            select_images=args.select_images, select_by=args.select_by, warm_start=fill(args.warm_start), device=device))
     return out
 
 

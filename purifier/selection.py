@@ -1,0 +1,79 @@
+"""Choosing which generator ships, by what it is for: purified accuracy under attack.
+
+After training there are several candidates (G, its EMA, snapshots). Reconstruction error
+on clean images says how well a generator draws the data, not how well it removes a
+perturbation: a generator that can also draw the attack's haze reconstructs *attacked* images
+well too, which is what makes purification fail. So the shipping criterion is measured on
+held-out *training* images (the last ``holdout`` of the training split, the slice
+``purifier calibrate`` uses; the test split stays for ``purifier eval``):
+
+    score = purified accuracy of the card's classifier on FGSM (eps) examples crafted on the
+            substitute (a black-box transfer attack), ties broken by purified clean accuracy.
+
+The projection is ``fast`` without an encoder start (an encoder belongs to one generator), so
+every candidate is projected the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import attacks, checkpoint, data
+from .errors import ModelLoadError
+from .projection import preset, project
+
+
+def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` seeded images (and labels) from the last ``holdout`` images of the training split."""
+    train = data.load(dataset, "train", data_dir)
+    x, y = train.images[-holdout:], train.labels[-holdout:]
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+@torch.no_grad()
+def _accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((classifier(images).argmax(1) == labels).float().mean())
+
+
+def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          x_attacked: torch.Tensor, seed: int = 0, batch_size: int = 250) -> dict:
+    """Purified accuracy on clean and attacked images, and mean reconstruction errors."""
+    cfg = preset("fast", has_encoder=False, seed=seed)
+    out: dict = {}
+    for name, images in (("clean", x), ("attacked", x_attacked)):
+        purified, errors = [], []
+        for i in range(0, len(images), batch_size):
+            res = project(generator, images[i:i + batch_size], cfg)
+            purified.append(res.images)
+            errors.append(res.errors)
+        out[f"{name}_accuracy"] = round(_accuracy(classifier, torch.cat(purified), y), 4)
+        out[f"{name}_reconstruction_error"] = round(float(torch.cat(errors).mean()), 6)
+    return out
+
+
+def choose(candidates: dict[str, nn.Module], model_dir: str | Path, dataset: str,
+           data_dir: str | None = None, n: int = 500, eps: float = 0.3,
+           seed: int = 0) -> tuple[str, dict]:
+    """Score every candidate on the same held-out images and attack; the best name and a report."""
+    model_dir = Path(model_dir)
+    for f in ("classifier.safetensors", "substitute.safetensors"):
+        if not (model_dir / f).exists():
+            raise ModelLoadError(f"selection by transfer needs {model_dir / f}")
+    classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier")
+    substitute = checkpoint.load_module(model_dir / "substitute.safetensors", "classifier")
+    x, y = held_out(dataset, data_dir, n, seed=seed)
+    x_adv = attacks.fgsm(substitute, x, y, eps)                       # (n, C, H, W)
+    scores = {}
+    for name, g in candidates.items():
+        g = g.cpu().eval()
+        scores[name] = score(g, classifier, x, y, x_adv, seed)
+    best = max(scores, key=lambda k: (scores[k]["attacked_accuracy"], scores[k]["clean_accuracy"]))
+    return best, {"exported": best, "criterion": f"purified accuracy, transfer FGSM eps={eps} (substitute)",
+                  "scores": scores,
+                  "measured_on": f"{n} held-out training images (last 5000 of the training split, seed {seed}), "
+                                 "projection fast without encoder start, on the CPU"}
