@@ -58,22 +58,22 @@ def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
 
 def choose(candidates: dict[str, nn.Module], model_dir: str | Path, dataset: str,
            data_dir: str | None = None, n: int = 500, eps: float = 0.3,
-           seed: int = 0) -> tuple[str, dict]:
+           seed: int = 0, device: str | torch.device = "cpu") -> tuple[str, dict]:
     """Score every candidate on the same held-out images and attack; the best name and a report."""
     model_dir = Path(model_dir)
     for f in ("classifier.safetensors", "substitute.safetensors"):
         if not (model_dir / f).exists():
             raise ModelLoadError(f"selection by transfer needs {model_dir / f}")
-    classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier")
-    substitute = checkpoint.load_module(model_dir / "substitute.safetensors", "classifier")
-    x, y = held_out(dataset, data_dir, n, seed=seed)
+    classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier", device)
+    substitute = checkpoint.load_module(model_dir / "substitute.safetensors", "classifier", device)
+    x, y = (t.to(device) for t in held_out(dataset, data_dir, n, seed=seed))
     x_adv = attacks.fgsm(substitute, x, y, eps)                       # (n, C, H, W)
     scores = {}
     for name, g in candidates.items():
-        g = g.cpu().eval()
+        g = g.to(device).eval()
         scores[name] = score(g, classifier, x, y, x_adv, seed)
     best = max(scores, key=lambda k: (scores[k]["attacked_accuracy"], scores[k]["clean_accuracy"]))
     return best, {"exported": best, "criterion": f"purified accuracy, transfer FGSM eps={eps} (substitute)",
                   "scores": scores,
                   "measured_on": f"{n} held-out training images (last 5000 of the training split, seed {seed}), "
-                                 "projection fast without encoder start, on the CPU"}
+                                 f"projection fast without encoder start, on {torch.device(device).type}"}

@@ -472,7 +472,8 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
 
                 cands = {"G": r.model.G, "G_ema": r.model.G_ema}
                 name, selection = sel.choose({k: copy.deepcopy(v) for k, v in cands.items()}, r.cfg.out_dir,
-                                             r.cfg.dataset, r.cfg.data_dir, r.cfg.select_images, seed=r.cfg.seed)
+                                             r.cfg.dataset, r.cfg.data_dir, r.cfg.select_images, seed=r.cfg.seed,
+                                             device=r.device)
                 chosen = cands[name]
             else:
                 chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device,

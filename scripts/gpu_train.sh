@@ -4,7 +4,8 @@
 #      identical random inputs, fp32), then train MNIST and Fashion-MNIST at once (one CUDA
 #      stream each) for TRAIN_MIN minutes, resuming from $W/gan-<ds>/checkpoint when present, else
 #      warm-starting from the shipped models/<ds> (generator + critic.safetensors);
-#   2. export each generator (G or its EMA, whichever reconstructs training images better),
+#   2. export each generator (G or its EMA, whichever purifies a transfer attack on held-out
+#      training images better: --select-by transfer),
 #      train its encoder;
 #   3. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
 #      enough for `train-gan --warm-start` next lease) and the logs. The exact checkpoints
@@ -24,24 +25,26 @@ SNAPSHOTS=${SNAPSHOTS:-10000,25000,50000,100000,150000,200000}
 ENC_STEPS=${ENC_STEPS:-6000}
 ENC_MIN=${ENC_MIN:-0.7}
 CHECK=${CHECK:-10}
-SELECT=${SELECT:-200}
+SELECT=${SELECT:-500}
 QUICK=${QUICK:-0}
 EXTRA=${EXTRA:-}
 source "$(dirname "$0")/gpu_lib.sh"
 OUT=$(cd "$OUT" && pwd)
 MODELS=${MODELS:-models}   # where models/<ds> are read (warm start) and written (export)
+WARM=(--warm-start "$MODELS/{dataset}")
 if [ "$QUICK" = 1 ]; then  # a dry run on tiny settings; never touches the shipped models
-  ITERS=6; SNAPSHOTS=2,4; ENC_STEPS=3; SELECT=4; MODELS=$W/quick-models
+  ITERS=6; SNAPSHOTS=2,4; ENC_STEPS=3; SELECT=4; MODELS=$W/quick-models; WARM=()
   mkdir -p "$MODELS"; cp -r models/mnist models/fashion-mnist "$MODELS/"
 fi
 log "host: $($PY -c 'import sys,torch;print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")')"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$W/nvidia-smi.txt" 2>&1
 
-step train-gan $(python3 -c "print(int(60*$TRAIN_MIN)+100)") $P train-gan --dataset mnist,fashion-mnist \
+TRAIN_LIMIT=$(python3 -c "print(int(60*$TRAIN_MIN)+100)"); [ "$QUICK" = 1 ] && TRAIN_LIMIT=600  # CPU: slow export
+step train-gan $TRAIN_LIMIT $P train-gan --dataset mnist,fashion-mnist \
   --data-dir "data/{dataset}" --device $DEVICE --iterations $ITERS --batch-size 64 --n-critic 5 --ema 0.999 \
   --seed 0 --run-dir "$W/gan-{dataset}" --out "$MODELS/{dataset}" --checkpoint-every 25000 \
-  --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-images $SELECT \
-  --max-minutes "$TRAIN_MIN" --no-progress --resume --warm-start "$MODELS/{dataset}" $EXTRA
+  --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-by transfer --select-images $SELECT \
+  --max-minutes "$TRAIN_MIN" --no-progress --resume "${WARM[@]}" $EXTRA
 grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
 
 for ds in mnist fashion-mnist; do
