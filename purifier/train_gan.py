@@ -28,6 +28,7 @@ iterations (``snapshot_at``) are kept for the robustness-vs-training study.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -375,7 +376,7 @@ class Run:
     def advance(self) -> int:
         """Queue iterations up to the next chunk boundary (asynchronously on CUDA)."""
         n = min(self.chunk - self.it % self.chunk, self.cfg.iterations - self.it)
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with ctx:
             for _ in range(n):
                 self.model.step()
@@ -428,14 +429,6 @@ class Run:
         return {"dataset": self.cfg.dataset, "iterations": self.it, "wall_seconds": round(self.wall, 1),
                 "finished": self.it >= self.cfg.iterations, "segments": self.segments,
                 "last_losses": self.history[-1] if self.history else None}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
