@@ -24,6 +24,7 @@ from torch import nn
 from . import attacks, checkpoint, data
 from .errors import ModelLoadError
 from .projection import preset, project
+from .train_classifier import accuracy
 
 
 def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
@@ -33,11 +34,6 @@ def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
     x, y = train.images[-holdout:], train.labels[-holdout:]
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
-
-
-@torch.no_grad()
-def _accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((classifier(images).argmax(1) == labels).float().mean())
 
 
 def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -51,7 +47,7 @@ def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
             res = project(generator, images[i:i + batch_size], cfg)
             purified.append(res.images)
             errors.append(res.errors)
-        out[f"{name}_accuracy"] = round(_accuracy(classifier, torch.cat(purified), y), 4)
+        out[f"{name}_accuracy"] = round(accuracy(classifier, torch.cat(purified), y.cpu()), 4)
         out[f"{name}_reconstruction_error"] = round(float(torch.cat(errors).mean()), 6)
     return out
 
