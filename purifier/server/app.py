@@ -93,8 +93,11 @@ class Server:
             self._downstream = Downstream(s.downstream, timeout_s=s.downstream_timeout_s,
                                           retries=s.downstream_retries, max_message_bytes=s.max_message_bytes,
                                           metrics=self.metrics)
+        # Decoding is a brief stage before the batch queue, not a second queue: a wait bound as
+        # small as the queue's refused bursts there (decode_busy) that the queue would have taken
+        # or refused as queue_full. Waiting decodes hold only the request bytes they arrived with.
         self._decoder = codec.DecodePool(engine.image_shape, codec.DecodeLimits(s.max_batch_size, s.max_decode_bytes),
-                                        s.decode_threads, s.max_queue_size)
+                                        s.decode_threads, max(256, s.max_queue_size))
         self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name, policy,
                                self._decoder)
         self._batcher.start()
