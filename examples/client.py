@@ -8,7 +8,7 @@ The model name is the downstream classifier's; purifier purifies the image input
 the request under that name (a pass-through model).
 
 The adversarial images are white-box FGSM on the local copy of the shipped classifier
-(``models/<dataset>/classifier.safetensors``), by ``purifier.attacks.fgsm``:
+(``models/<dataset>/classifier.safetensors``), by ``purifier.evaluation.attacks.fgsm``:
 x' = clip(x + eps * sign(grad_x loss), 0, 1).
 """
 
@@ -72,7 +72,7 @@ def make_images(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     import torch
 
     from purifier import checkpoint, data
-    from purifier.attacks import fgsm
+    from purifier.evaluation.attacks import fgsm
 
     split = data.subset(data.load(args.dataset, "test", args.data_dir, download=args.download),
                         args.num_images, args.seed)

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from purifier import attacks, checkpoint, data, projection  # noqa: E402
-from purifier.evaluate import accuracy  # noqa: E402
+from purifier import checkpoint, data, projection  # noqa: E402
+from purifier.evaluation import attacks  # noqa: E402
+from purifier.evaluation.evaluate import accuracy  # noqa: E402
 from purifier.projection import ORIGINAL, PAPER, project  # noqa: E402
 
 

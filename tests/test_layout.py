@@ -51,7 +51,7 @@ def outside(names, layer) -> list[str]:
     module of the layer, ``purifier.errors.ConfigError``, counts as in it; the package's own
     ``__init__`` is everyone's)."""
     modules = set(layer) - {"purifier"}
-    return sorted(m for m in names if m.startswith("purifier.")
+    return sorted(m for m in names if m.startswith("purifier.") and m != "purifier.__version__"
                   and not under(m, modules) and m.rpartition(".")[0] not in modules)
 
 
@@ -61,8 +61,8 @@ MODULES = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))
 
 def test_outside_flags_what_it_should():
     assert outside({"purifier", "purifier.errors", "purifier.errors.ConfigError", "numpy"}, CORE) == []
-    assert outside({"purifier.report", "purifier.server.app", "purifier.engine.Engine"}, CORE) == [
-        "purifier.engine.Engine", "purifier.report", "purifier.server.app"]
+    assert outside({"purifier.evaluation.report", "purifier.server.app", "purifier.engine.Engine"}, CORE) == [
+        "purifier.engine.Engine", "purifier.evaluation.report", "purifier.server.app"]
 
 
 def test_the_walk_sees_the_package():
@@ -91,4 +91,25 @@ def test_the_engine_imports_only_the_core_and_itself(name):
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not under(n, TRANSPORT + ENTRY)))
 def test_nothing_but_entry_points_imports_the_transport(name):
     bad = [m for m in MODULES[name] if under(m, TRANSPORT + ("purifier.commands", "purifier.cli"))]
+    assert not bad, f"{name} imports {bad}"
+
+
+def test_no_module_sits_loose_beside_the_core():
+    """The tree is the map: every top-level module is core or an entry point; the rest live in
+    a folder named for its concern."""
+    loose = {module_name(p) for p in PACKAGE.glob("*.py")} - CORE - {"purifier.cli", "purifier.settings"}
+    assert not loose, f"modules outside a concern's folder: {sorted(loose)}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if under(n, ("purifier.evaluation",))))
+def test_evaluation_imports_only_the_core_and_itself(name):
+    bad = outside(MODULES[name], CORE | {"purifier.evaluation"})
+    assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES
+                                        if under(n, ("purifier.training", "purifier.benchmark"))))
+def test_training_and_benchmarking_import_the_core_and_evaluation_only(name):
+    own = "purifier." + name.split(".")[1]
+    bad = outside(MODULES[name], CORE | {"purifier.evaluation", own})
     assert not bad, f"{name} imports {bad}"

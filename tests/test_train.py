@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from purifier import checkpoint, parts
-from purifier.train_classifier import ClassifierTrainConfig, random_shift
-from purifier.train_classifier import train as train_classifier
-from purifier.train_gan import GANTrainConfig, WGANGP, train, train_many
+from purifier import checkpoint
+from purifier.training import parts
+from purifier.training.classifier import ClassifierTrainConfig, random_shift
+from purifier.training.classifier import train as train_classifier
+from purifier.training.gan import GANTrainConfig, WGANGP, train, train_many
 from test_data import write_idx  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -160,7 +161,7 @@ def test_warm_start_continues_from_an_exported_generator_and_critic(tmp_path):
     run = train_many([cfg], progress=False)[0]
     assert run["iterations"] == 3                       # already there: nothing to do
     cfg = _tiny(tmp_path, "third", iterations=5, warm_start=str(tmp_path / "model"))
-    from purifier.train_gan import Run
+    from purifier.training.gan import Run
     r = Run(cfg, resume=True)
     assert r.it == 3 and float(r.model.count) == 3.0
     assert torch.equal(r.model.G.fc.weight, shipped.fc.weight) and torch.equal(r.model.G_ema.fc.weight, shipped.fc.weight)
@@ -172,7 +173,7 @@ def test_warm_start_continues_from_an_exported_generator_and_critic(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_matches_eager_and_resumes(tmp_path):
     """On CUDA: graph replays equal eager updates on the same draws; a graph run resumes."""
-    from purifier.train_gan import check_graph
+    from purifier.training.gan import check_graph
 
     fake_dataset(tmp_path / "data")
     cfg = _tiny(tmp_path, "gpu", iterations=3, device="cuda", log_every=2)
@@ -185,7 +186,7 @@ def test_cuda_graph_step_matches_eager_and_resumes(tmp_path):
 
 
 def test_selection_by_defense_scores_every_candidate_and_picks_the_best(tmp_path):
-    from purifier import selection
+    from purifier.training import selection
     from purifier.errors import ModelLoadError
     from purifier.models import Classifier, Generator
 

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .. import checkpoint, data
-    from ..bench import BenchSettings, parse_config, run_bench
+    from ..benchmark.bench import BenchSettings, parse_config, run_bench
 
     device = resolve_device(args)
     if args.cudnn_benchmark:

@@ -14,7 +14,7 @@ def _list(kind):
 
 
 def add_arguments(p) -> None:
-    from ..evaluate import ATTACKS, PROJECTIONS, EvalConfig as C
+    from ..evaluation.evaluate import ATTACKS, PROJECTIONS, EvalConfig as C
 
     p.add_argument("model_dir", help="model directory (generator + classifier), e.g. models/mnist")
     add_data(p, default=None)
@@ -70,7 +70,7 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args):
-    from ..evaluate import EvalConfig
+    from ..evaluation.evaluate import EvalConfig
 
     return EvalConfig(
         model_dir=args.model_dir, out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, n=args.n,
@@ -89,7 +89,7 @@ def config_from_args(args):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..evaluate import run_evaluation
+    from ..evaluation.evaluate import run_evaluation
 
     results = run_evaluation(config_from_args(args), resume=args.resume, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())

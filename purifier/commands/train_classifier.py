@@ -6,7 +6,7 @@ HELP = "train one of the paper's classifiers (A, B, C, D) and export it to a mod
 
 
 def add_arguments(p) -> None:
-    from ..train_classifier import ClassifierTrainConfig as C
+    from ..training.classifier import ClassifierTrainConfig as C
 
     add_data(p)
     add_device(p)
@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..train_classifier import ClassifierTrainConfig, train
+    from ..training.classifier import ClassifierTrainConfig, train
 
     cfg = ClassifierTrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                                 out_dir=args.out or f"models/{args.dataset}", name=args.name,

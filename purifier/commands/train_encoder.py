@@ -9,7 +9,7 @@ HELP = "train the encoder E(x)->z that starts the fast projection near its answe
 
 
 def add_arguments(p) -> None:
-    from ..train_encoder import EncoderTrainConfig as C
+    from ..training.encoder import EncoderTrainConfig as C
 
     add_data(p)
     add_device(p)
@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..train_encoder import EncoderTrainConfig, train
+    from ..training.encoder import EncoderTrainConfig, train
 
     cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              latent_weight=args.latent_weight, recon_weight=args.recon_weight,

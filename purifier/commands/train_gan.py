@@ -7,7 +7,7 @@ DATASETS = ("mnist", "fashion-mnist")
 
 
 def add_arguments(p) -> None:
-    from ..train_gan import GANTrainConfig as C
+    from ..training.gan import GANTrainConfig as C
 
     p.add_argument("--dataset", default="fashion-mnist",
                    help="mnist, fashion-mnist, or both comma-separated (trained at once, one CUDA stream each)")
@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--select-by", choices=["reconstruction", "transfer"], default=C.select_by,
                    help="how export picks G or its EMA: reconstruction error on training images, or purified "
                         "accuracy under a transfer FGSM on held-out training images (needs classifier and "
-                        "substitute in --out; purifier.selection)")
+                        "substitute in --out; purifier.training.selection)")
     p.add_argument("--part-mib", type=float, default=C.part_mib, help="checkpoint part size (MiB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint/")
@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
 
 def configs(args) -> list:
     from ..errors import ConfigError
-    from ..train_gan import GANTrainConfig
+    from ..training.gan import GANTrainConfig
 
     names = [d.strip() for d in args.dataset.split(",") if d.strip()]
     bad = [d for d in names if d not in DATASETS]
@@ -91,7 +91,7 @@ def run(args) -> int:
     import torch
 
     from .. import data
-    from ..train_gan import check_graph, train_many
+    from ..training.gan import check_graph, train_many
 
     cfgs = configs(args)
     if args.check_graph and cfgs[0].device.startswith("cuda") and not args.export_only \

@@ -69,7 +69,8 @@ def check_shape(shape, what: str = "tensor") -> tuple[int, ...]:
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise InvalidInputError(f"{what} shape {list(shape)} has a negative dimension")
-    if any(s > MAX_ELEMENTS for s in shape) or count(shape) > MAX_ELEMENTS:
+    # zero dimensions excluded too: numpy refuses [0, 2^40, 2^40] as "too big" although it is empty
+    if count(max(s, 1) for s in shape) > MAX_ELEMENTS:
         raise InvalidInputError(f"{what} shape {list(shape)} declares more than {MAX_ELEMENTS} elements")
     return shape
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purifier import attacks
+from purifier.evaluation import attacks
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purifier import attacks
-from purifier import evaluate as evaluate_module
-from purifier.evaluate import EvalConfig, run_evaluation
+from purifier.evaluation import attacks
+from purifier.evaluation import evaluate as evaluate_module
+from purifier.evaluation.evaluate import EvalConfig, run_evaluation
 from purifier.models import Classifier
 from purifier.projection import Projection
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from purifier import attacks
+from purifier.evaluation import attacks
 from purifier.models import Classifier
 from purifier.projection import ProjectionConfig, project
 

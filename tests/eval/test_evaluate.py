@@ -15,7 +15,7 @@ import torch
 from purifier import checkpoint, cli
 from purifier.commands import evaluate as evaluate_command
 from purifier.errors import ConfigError
-from purifier.evaluate import EvalConfig, run_evaluation, wilson_interval
+from purifier.evaluation.evaluate import EvalConfig, run_evaluation, wilson_interval
 from purifier.models import Classifier
 
 
@@ -165,7 +165,7 @@ def test_calibrate_writes_the_threshold_into_the_card(tiny_model_dir, tiny_data_
 
 
 def test_latent_radius_override_reaches_the_projection_and_the_cache_tag(tmp_path):
-    from purifier.evaluate import EvalConfig, _proj_tag
+    from purifier.evaluation.evaluate import EvalConfig, _proj_tag
 
     cfg = EvalConfig(model_dir="m", out_dir=str(tmp_path), projection="paper", latent_radius=1.0)
     pc = cfg.projection_config(has_encoder=False)

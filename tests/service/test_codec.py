@@ -24,6 +24,9 @@ def test_raw_round_trip_is_little_endian_and_length_checked():
         codec.from_raw(data[:-4], np.dtype("<f4"), [2, 3])
     with pytest.raises(InvalidInputError, match="negative dimension"):
         codec.from_raw(b"", np.dtype("<f4"), [-1, 3])
+    # empty but absurd: numpy cannot even describe it (Hypothesis found it as an INTERNAL)
+    with pytest.raises(InvalidInputError, match="declares more than"):
+        codec.from_raw(b"", np.dtype("<f4"), [0] + [codec.MAX_ELEMENTS] * 4)
 
 
 def test_typed_contents_round_trip_and_count_check():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from purifier import checkpoint
-from purifier.bench import BenchSettings, paired, parse_config, run_bench
+from purifier.benchmark.bench import BenchSettings, paired, parse_config, run_bench
 from purifier.data import Split
 from purifier.projection import FAST, PAPER
 
@@ -67,7 +67,8 @@ def test_whole_bench_on_the_tiny_model_with_cache(tiny_model_dir, tmp_path):
 def test_bench_attacks_with_the_tested_fgsm(tiny_model_dir, monkeypatch):
     """The fgsm condition's inputs are attacks.fgsm's (the ART-tested attack `purifier eval`
     uses), at the bench's eps, and its undefended accuracy is measured on them."""
-    from purifier import attacks, data
+    from purifier import data
+    from purifier.evaluation import attacks
 
     calls, made = [], []
 

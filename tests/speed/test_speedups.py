@@ -60,7 +60,7 @@ def test_early_stopping_with_pruning_returns_consistent_answers(sharp_gen, mixed
 
 
 def test_encoder_start_lowers_the_initial_error(sharp_gen, mixed_batch):
-    from purifier.train_encoder import EncoderTrainConfig, fit_encoder
+    from purifier.training.encoder import EncoderTrainConfig, fit_encoder
 
     real = mixed_batch[:4].repeat(8, 1, 1, 1)
     enc, stats = fit_encoder(sharp_gen, real, EncoderTrainConfig(steps=300, batch_size=32, lr=3e-3, dim=8))

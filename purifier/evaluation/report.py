@@ -14,7 +14,7 @@ import numpy as np
 def environment(device: str = "cpu") -> dict:
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     versions = {"purifier": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__}
@@ -23,7 +23,7 @@ def environment(device: str = "cpu") -> dict:
         versions["matplotlib"] = matplotlib.__version__
     except ImportError:
         pass
-    from .hardware import describe
+    from ..hardware import describe
 
     return {"versions": versions, "hardware": describe(device)}
 

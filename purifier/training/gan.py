@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, data, parts
-from .hardware import summary as hardware
-from .models import Critic, Generator
+from .. import checkpoint, data
+from . import parts
+from ..hardware import summary as hardware
+from ..models import Critic, Generator
 
 
 @dataclass
@@ -523,7 +524,7 @@ def choose_generator(G: nn.Module, G_ema: nn.Module | None, images: torch.Tensor
     After a short run the EMA can lag behind G; rather than guess, measure the mean
     reconstruction error of a short projection (L=100, R=4, fixed seed) on ``n`` images.
     """
-    from .projection import preset, project
+    from ..projection import preset, project
 
     if G_ema is None:
         return G, {"exported": "G"}

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
-from .errors import ConfigError
-from .hardware import describe
-from .projection import PAPER, ProjectionConfig, preset, project
-from .stats import paired
+from ..evaluation import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
+from ..errors import ConfigError
+from ..hardware import describe
+from ..projection import PAPER, ProjectionConfig, preset, project
+from ..stats import paired
 
 
 def parse_config(spec: str) -> tuple[str, ProjectionConfig]:
@@ -179,7 +179,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
     """``bundle``: a loaded :class:`purifier.checkpoint.ModelBundle` (generator, classifier,
     encoder). ``test_split``: :class:`purifier.data.Split`. The first config is the reference
     (normally ``paper``) for ratios and paired differences."""
-    from . import data
+    from .. import data
 
     dev = torch.device(device)
     G, clf, E = bundle.generator, bundle.classifier, bundle.encoder

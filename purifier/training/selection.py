@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attacks, checkpoint, data
-from .errors import ModelLoadError
-from .projection import preset, project
-from .train_classifier import accuracy
+from .. import checkpoint, data
+from ..evaluation import attacks
+from ..errors import ModelLoadError
+from ..projection import preset, project
+from .classifier import accuracy
 
 
 def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,

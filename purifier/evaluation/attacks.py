@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .projection import ProjectionConfig, project
+from ..projection import ProjectionConfig, project
 
 
 def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1) -> torch.Tensor:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, hardware
-from .models import Classifier
+from .. import checkpoint, data, hardware
+from ..models import Classifier
 
 
 @dataclass

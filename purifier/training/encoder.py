@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .hardware import describe
-from .models import Encoder
+from ..hardware import describe
+from ..models import Encoder
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     images; save ``<model_dir>/encoder.safetensors`` and record the run in the card."""
     from pathlib import Path
 
-    from . import checkpoint, data
+    from .. import checkpoint, data
 
     model_dir = Path(model_dir)
     generator = checkpoint.load_generator(model_dir / "generator.safetensors", device)

@@ -42,11 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import attacks, checkpoint, data, detection
-from .errors import ConfigError
-from .projection import PRESETS as PROJECTIONS
-from .projection import ProjectionConfig, preset, project
-from .stats import wilson_interval
+from .. import checkpoint, data, detection
+from . import attacks
+from ..errors import ConfigError
+from ..projection import PRESETS as PROJECTIONS
+from ..projection import ProjectionConfig, preset, project
+from ..stats import wilson_interval
 
 ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda", "blackbox")
 BLACKBOX_LABELS = ("defended", "true")
@@ -415,7 +416,7 @@ class Evaluation:
         """The Papernot substitute and its training record, trained once and kept in the cache."""
         if self._blackbox_model is not None:
             return self._blackbox_model
-        from .models import Classifier
+        from ..models import Classifier
 
         c = self.cfg
         folder = self.out / "cache" / "blackbox" / self._blackbox_tag()

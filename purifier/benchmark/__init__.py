@@ -1,0 +1,1 @@
+"""Benchmarking: `purifier bench` (speed sweeps and paired quality, `bench`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: `purifier eval` (`evaluate`), the attacks (`attacks`), results.md and figures (`report`)."""
