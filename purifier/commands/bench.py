@@ -17,12 +17,18 @@ def add_arguments(p) -> None:
                    help="a configuration: a preset (paper, fast) or NAME=BASE:key=value,... "
                         "e.g. fast-fp32=fast:precision=fp32; repeat the flag; the first is the "
                         "reference for ratios and paired differences (default: paper, fast)")
-    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes for the speed part")
+    p.add_argument("--batch-sizes", default="1,8,16,32,64",
+                   help="comma-separated batch sizes for the speed part: each configuration's best of them "
+                        "is compared with the reference's best (best-vs-best), the same-batch ratios beside it")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole speed sweep this many times in the process; the headline speed-up is "
+                        "the lowest over the rounds (a rerun must agree)")
     p.add_argument("--speed-images", type=int, default=64, help="test images per throughput measurement (0: skip)")
     p.add_argument("--quality-images", type=int, default=0,
                    help="seeded test images for the accuracy part (0: skip; the issue asks for >= 1000)")
     p.add_argument("--quality-batch", type=int, default=100)
-    p.add_argument("--conditions", default="clean,fgsm", help="clean and/or fgsm")
+    p.add_argument("--conditions", default="clean,fgsm", help="any of clean, fgsm (on the protected classifier), transfer (FGSM made on "
+                        "the model directory's substitute.safetensors)")
     p.add_argument("--eps", type=float, default=0.3, help="FGSM step (L-inf, images in [0, 1])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, metavar="DIR",
@@ -46,7 +52,8 @@ def run(args) -> int:
         batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
         speed_images=args.speed_images, quality_images=args.quality_images,
         quality_batch=args.quality_batch, eps=args.eps,
-        conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache)
+        conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache,
+        rounds=args.rounds)
     bundle = checkpoint.load_bundle(args.model_dir or f"models/{args.dataset}", device,
                                     need_classifier=bool(args.quality_images))
     test = data.load(args.dataset, "test", args.data_dir)

@@ -89,3 +89,83 @@ def test_bench_attacks_with_the_tested_fgsm(tiny_model_dir, monkeypatch):
     with torch.no_grad():
         expected = (bundle.classifier(made[0]).argmax(1) == y).float().mean().item()
     assert out["quality"]["fgsm"]["undefended_accuracy"] == expected
+
+
+def _row(config, bs, ips, rnd=0):
+    return dict(config=config, batch_size=bs, images_per_s=ips, round=rnd)
+
+
+def test_speed_summary_compares_best_batch_with_best_batch():
+    """The issue's sweep: paper peaks at a small batch, fast at the largest; best-vs-best is
+    44.8 / 1.51, not the same-batch 44.8 / 1.13, and the same-batch ratios sit beside it."""
+    from purifier.benchmark.bench import speed_summary
+
+    paper = {8: 1.50, 16: 1.51, 32: 1.29, 64: 1.13}
+    fast = {8: 27.3, 16: 35.1, 32: 40.9, 64: 44.8}
+    rows = [_row("paper", b, v) for b, v in paper.items()] + [_row("fast", b, v) for b, v in fast.items()]
+    out = speed_summary(rows, "paper")
+    r0 = out["rounds"][0]
+    assert r0["reference_best_batch_size"] == 16
+    assert r0["configs"]["fast"]["best_batch_size"] == 64
+    assert r0["configs"]["fast"]["speedup_best_vs_best"] == pytest.approx(29.67, abs=0.01)
+    assert r0["configs"]["fast"]["speedup_same_batch"]["64"] == pytest.approx(39.65, abs=0.01)
+    assert r0["configs"]["paper"]["speedup_best_vs_best"] == 1
+    assert out["headline"]["fast"]["speedup_best_vs_best"] == r0["configs"]["fast"]["speedup_best_vs_best"]
+
+
+def test_speed_summary_headline_is_the_lowest_round():
+    from purifier.benchmark.bench import speed_summary
+
+    rows = [_row("paper", 8, 1.0, 0), _row("fast", 8, 60.0, 0),
+            _row("paper", 8, 1.0, 1), _row("fast", 8, 50.0, 1)]
+    h = speed_summary(rows, "paper")["headline"]["fast"]
+    assert h["speedup_best_vs_best"] == 50 and h["speedup_best_vs_best_per_round"] == [60, 50]
+    assert h["spread"] == pytest.approx(0.2) and h["speedup_same_batch"] == {"8": 50}
+
+
+def test_matched_quality_needs_every_accuracy_within_a_point_and_no_higher_clean_error():
+    from purifier.benchmark.bench import matched_quality
+
+    def cond(acc_diff, err_diff=0.0):
+        pv = dict(accuracy_diff=dict(mean=acc_diff, ci95=[acc_diff - .01, acc_diff + .01], n=1000),
+                  error_diff=dict(mean=err_diff, ci95=[err_diff, err_diff], n=1000))
+        return dict(configs={"paper": {}, "c": {"paired_vs_reference": pv}})
+
+    ok = matched_quality({"clean": cond(-0.005, -1e-3), "fgsm": cond(0.02), "transfer": cond(-0.01)}, "paper")
+    assert ok["c"]["matched"]
+    assert not matched_quality({"clean": cond(0.0, -1e-3), "fgsm": cond(-0.011)}, "paper")["c"]["matched"]
+    worse_error = matched_quality({"clean": cond(0.0, 1e-4), "fgsm": cond(0.0)}, "paper")["c"]
+    assert not worse_error["matched"] and not worse_error["checks"]["clean_error"]["ok"]
+
+
+def test_bench_sweeps_rounds_records_load_and_attacks_through_the_substitute(tiny_model_dir, monkeypatch):
+    """Two rounds of the sweep in one process, the load beside them, and a transfer condition
+    whose FGSM is computed on substitute.safetensors, not on the protected classifier."""
+    from purifier.evaluation import attacks
+    from tests.conftest import tiny_classifier
+
+    checkpoint.save_module(tiny_classifier(seed=5), tiny_model_dir / "substitute.safetensors", "classifier")
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    attacked = []
+    real = attacks.fgsm
+    monkeypatch.setattr(attacks, "fgsm", lambda m, x, y, eps: attacked.append(m) or real(m, x, y, eps))
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g), "fake")
+    settings = BenchSettings(
+        configs=[parse_config("ref=paper:steps=4,restarts=2"), parse_config("quick=fast:steps=2,prune_after=1")],
+        batch_sizes=[2, 4], speed_images=4, quality_images=8, quality_batch=4, rounds=2,
+        conditions=("clean", "fgsm", "transfer"))
+    out = run_bench(bundle, split, settings, "cpu", "tiny", log=lambda m: None)
+    json.dumps(out)
+    assert len(out["speed"]) == 2 * 2 * 2 and {r["round"] for r in out["speed"]} == {0, 1}
+    assert len(out["load"]) == 3 and len(out["load"][0]["loadavg"]) == 3
+    h = out["speed_summary"]["headline"]
+    assert h["ref"]["speedup_best_vs_best"] == 1 and len(h["quick"]["speedup_best_vs_best_per_round"]) == 2
+    assert set(h["quick"]["speedup_same_batch"]) == {"2", "4"}
+    assert len(attacked) == 2 and attacked[0] is bundle.classifier and attacked[1] is not bundle.classifier
+    sub = checkpoint.load_module(tiny_model_dir / "substitute.safetensors").state_dict()
+    clf = bundle.classifier.state_dict()
+    assert all(torch.equal(v, sub[k]) for k, v in attacked[1].state_dict().items())
+    assert not all(torch.equal(v, clf[k]) for k, v in attacked[1].state_dict().items())
+    assert set(out["matched_quality"]["quick"]["checks"]) == {
+        "clean_accuracy", "clean_error", "fgsm_accuracy", "transfer_accuracy"}
