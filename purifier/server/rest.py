@@ -15,6 +15,11 @@ policy), and converts the answer back; errors go through the one mapping of
     GET  /v2/models/{model}/config                Triton: the model configuration
     GET  /v2/models/{model}/stats, /v2/models/stats   Triton: statistics
 
+Request ids: an infer body's ``id``, else the ``x-request-id`` header, else a new one, echoed
+in the ``x-request-id`` response header. One that is not printable ASCII or is longer than
+128 characters answers 400 before any work, with a new id in that header
+(``status.checked_request_id``, the rule the gRPC servicers use).
+
 REST has no deadline of its own: a request waits as long as the client keeps it open
 (and the downstream's ``--downstream-timeout``). Metrics count each route as method
 ``rest:<RPC name>`` (``rest:ModelInfer``) beside the gRPC methods.
@@ -38,7 +43,7 @@ from starlette.routing import Route
 
 from ..errors import PurifierError
 from . import logs, v2json
-from .status import code_for, trailing_metadata
+from .status import checked_request_id, code_for, trailing_metadata
 from .v2_servicer import V2
 
 log = logging.getLogger("purifier.rest")
@@ -61,21 +66,17 @@ class _TooLarge(Exception):
     pass
 
 
-def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id", "")
-    if len(rid) > 128 or not all(" " <= ch <= "~" for ch in rid):
-        rid = ""   # unusable as a log field or header; a new one still traces the request
-    return rid or logs.new_request_id()
-
-
 def endpoint(method: str):
     """Wrap a route: request id, error mapping, metrics (as ``status.rpc`` does for gRPC)."""
     def wrap(fn):
         async def handler(self: "RestApp", request: Request) -> Response:
-            rid = _request_id(request)
+            # the x-request-id header, checked as gRPC checks its metadata (one rule, in status)
+            rid, bad_id = checked_request_id(request.headers.get("x-request-id", ""), "header x-request-id")
             token = logs.request_id.set(rid)
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
+                if bad_id is not None:
+                    raise bad_id  # before any work
                 response = await fn(self, request)
             except PurifierError as exc:
                 code = code_for(exc)
@@ -91,6 +92,7 @@ def endpoint(method: str):
                 response = JSONResponse({"error": f"internal error (request id {rid}); the server log has details"},
                                         500)
             finally:
+                rid = logs.request_id.get()   # infer may have taken the body's id instead
                 logs.request_id.reset(token)
             response.headers["x-request-id"] = rid
             if self.metrics is not None:
@@ -176,6 +178,11 @@ class RestApp:
         p = request.path_params
         v2_request, wanted, binary_all = v2json.infer_request(p["model"], p.get("version", ""), bytes(body),
                                                               request.headers.get(v2json.HEADER_LENGTH))
+        if v2_request.id:  # the body's id wins over the header's, as gRPC's field wins over its metadata
+            rid, bad_id = checked_request_id(v2_request.id, "field 'id'")
+            logs.request_id.set(rid)
+            if bad_id is not None:
+                raise bad_id  # before any decoding or compute
         answer = await self.api.infer(v2_request)
         content, header_length = v2json.infer_response(answer, wanted, binary_all)
         if header_length is None:

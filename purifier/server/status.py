@@ -62,15 +62,13 @@ def model_named(request) -> str:
     return getattr(request, "model_name", "") or getattr(request, "name", "")
 
 
-def _request_id(request, context) -> tuple[str, errors.InvalidInputError | None]:
-    """The request's id (its ``request_id``/``id`` field, else the x-request-id header, else a
-    new one), and the error to answer with when the caller's id is unusable: it travels back
-    in metadata and in every log line, so it must be printable ASCII of bounded length. An
-    unusable id is replaced by a new one, so even the refusal can be traced."""
-    field = "request_id" if getattr(request, "request_id", "") else "id" if getattr(request, "id", "") else ""
-    rid = getattr(request, field) if field else dict(context.invocation_metadata() or ()).get("x-request-id", "")
+def checked_request_id(rid: str, where: str) -> tuple[str, errors.InvalidInputError | None]:
+    """A caller's request id (``where`` it came from, for the message), as every entry point
+    (gRPC, REST) takes it: the id itself, or a new one when it is empty; and the error to
+    answer with when it is unusable. It travels back in metadata and headers and in every log
+    line, so it must be printable ASCII of at most ``MAX_REQUEST_ID`` characters. An unusable
+    id is replaced by a new one, so even the refusal can be traced."""
     rid = str(rid)
-    where = f"field {field!r}" if field else "header x-request-id"
     if len(rid) > MAX_REQUEST_ID:
         problem = f"request id ({where}) has {len(rid)} characters; at most {MAX_REQUEST_ID} are allowed"
     elif not all(" " <= ch <= "~" for ch in rid):
@@ -78,6 +76,14 @@ def _request_id(request, context) -> tuple[str, errors.InvalidInputError | None]
     else:
         return rid or logs.new_request_id(), None
     return logs.new_request_id(), errors.InvalidInputError(problem)
+
+
+def _request_id(request, context) -> tuple[str, errors.InvalidInputError | None]:
+    """The request's id: its ``request_id``/``id`` field, else the x-request-id header, else a
+    new one (``checked_request_id``)."""
+    field = "request_id" if getattr(request, "request_id", "") else "id" if getattr(request, "id", "") else ""
+    rid = getattr(request, field) if field else dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    return checked_request_id(rid, f"field {field!r}" if field else "header x-request-id")
 
 
 def rpc(method: str):
