@@ -7,7 +7,8 @@
 #   2. export each generator (G or its EMA, whichever purifies a transfer attack on held-out
 #      training images better: --select-by transfer),
 #      train its encoder;
-#   3. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
+#   3. profile the step's variants (scripts/profile_gan_step.py, PROFILE_S=60, 0 skips it);
+#   4. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
 #      enough for `train-gan --warm-start` next lease) and the logs. The exact checkpoints
 #      (35 MiB each, parts < 16 MiB) and the snapshots stay in $W (git-ignored, kept on a warm
 #      machine): call 2, scripts/gpu_eval.sh, returns the MNIST one with the results, and
@@ -52,6 +53,15 @@ for ds in mnist fashion-mnist; do
     --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" &
 done
 wait
+
+# 4. the profile the next lease needs (issue 9: 65 it/s per data set is not launch-bound any more):
+#    graph-captured step as is / channels-last / bf16 autocast / both, and the eager step's top
+#    kernels. After the training, bounded, so it never costs the generators their minutes.
+if [ "${PROFILE_S:-60}" -gt 0 ]; then
+  PIT=300; [ "$QUICK" = 1 ] && PIT=2
+  step profile-gan-step "${PROFILE_S:-60}" $PY scripts/profile_gan_step.py --dataset mnist --data-dir data/mnist \
+    --device $DEVICE --iterations $PIT --profile --out "$OUT/profile-gan-step.json"
+fi
 
 for ds in mnist fashion-mnist; do
   mkdir -p "$W/models/$ds"; cp $MODELS/$ds/*.safetensors $MODELS/$ds/card.json "$W/models/$ds/" 2>/dev/null
