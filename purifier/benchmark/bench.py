@@ -200,15 +200,27 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
     if path is not None and path.exists():
         hit = torch.load(path, map_location=x.device, weights_only=True)
         return dict(images=hit["images"], errors=hit["errors"], seconds=float(hit["seconds"]), cached=True)
-    images, errors = [], []
-    _sync(x.device)
-    t0 = time.perf_counter()
+    # Batches done so far are kept beside the final file (``<digest>.parts/``), so a run stopped
+    # half-way (the paper configuration is an hour per 1,000 images on a loaded CPU) resumes.
+    parts = path.with_suffix(".parts") if path is not None else None
+    images, errors, seconds = [], [], 0.0
     for b, s in enumerate(range(0, len(x), batch_size)):
-        p = project(generator, x[s: s + batch_size], cfg.with_(seed=seed + b), encoder)
-        images.append(p.images)
-        errors.append(p.errors)
-    _sync(x.device)
-    seconds = time.perf_counter() - t0
+        part_path = parts / f"{b:05d}.pt" if parts is not None else None
+        if part_path is not None and part_path.exists():
+            part = torch.load(part_path, map_location=x.device, weights_only=True)
+        else:
+            _sync(x.device)
+            t0 = time.perf_counter()
+            p = project(generator, x[s: s + batch_size], cfg.with_(seed=seed + b), encoder)
+            _sync(x.device)
+            part = dict(images=p.images, errors=p.errors, seconds=torch.tensor(time.perf_counter() - t0))
+            if part_path is not None:
+                part_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({k: v.cpu() for k, v in part.items()}, part_path.with_suffix(".tmp"))
+                os.replace(part_path.with_suffix(".tmp"), part_path)
+        images.append(part["images"])
+        errors.append(part["errors"])
+        seconds += float(part["seconds"])
     out = dict(images=torch.cat(images), errors=torch.cat(errors), seconds=seconds, cached=False)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +229,10 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
                         errors=out["errors"].cpu(), seconds=torch.tensor(seconds),
                         meta=json.dumps(key)), tmp)
         os.replace(tmp, path)
+        if parts.exists():
+            for f in parts.iterdir():
+                f.unlink()
+            parts.rmdir()
     return out
 
 

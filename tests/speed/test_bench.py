@@ -169,3 +169,32 @@ def test_bench_sweeps_rounds_records_load_and_attacks_through_the_substitute(tin
     assert not all(torch.equal(v, clf[k]) for k, v in attacked[1].state_dict().items())
     assert set(out["matched_quality"]["quick"]["checks"]) == {
         "clean_accuracy", "clean_error", "fgsm_accuracy", "transfer_accuracy"}
+
+
+def test_purify_cached_resumes_from_the_batches_already_done(tiny_model_dir, tmp_path, monkeypatch):
+    """A run stopped half-way keeps its finished batches; the rerun computes only the rest and
+    returns exactly what one uninterrupted run returns."""
+    from purifier.benchmark import bench
+
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg = parse_config("q=paper:steps=3,restarts=2")[1]
+    key = dict(indices=list(range(10)), condition="clean")
+    whole = bench.purify_cached(bundle.generator, None, x, cfg, 4, key, None)
+    real, calls = bench.project, []
+
+    def stop_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(bench, "project", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench.purify_cached(bundle.generator, None, x, cfg, 4, key, tmp_path)
+    assert len(list(tmp_path.glob("*.parts/*.pt"))) == 2
+    calls.clear()
+    again = bench.purify_cached(bundle.generator, None, x, cfg, 4, key, tmp_path)
+    assert len(calls) == 1 and not again["cached"]
+    assert torch.equal(again["images"], whole["images"]) and torch.equal(again["errors"], whole["errors"])
+    assert not list(tmp_path.glob("*.parts")) and bench.purify_cached(
+        bundle.generator, None, x, cfg, 4, key, tmp_path)["cached"]
