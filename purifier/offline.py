@@ -1,7 +1,12 @@
 """Offline purification of files: PNG images, or an IDX / NPY batch.
 
 Reads every input first and validates the whole batch before any compute, so a bad
-file fails the run at once, naming the file, rather than half-way through.
+file fails the run at once, naming the file, rather than half-way through. Image files are
+read and decoded within the service's bounds (``validation.decode_images``): a file over
+``DecodeLimits.max_bytes`` is refused from its size before it is read, anything but PNG/JPEG
+or a size other than the model's from its header before it is decoded (a 12000x12000 PNG
+costs 24 bytes of reading, not gigabytes of pixels), and a corrupt file is an error, never
+a crash.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from .checkpoint import ModelBundle
 from .data import read_idx
 from .errors import DataError, InvalidInputError
 from .projection import ProjectionConfig, project
-from .validation import to_float_images
+from .validation import DecodeLimits, decode_images, to_float_images
 
 
 @dataclass
@@ -28,14 +33,14 @@ class Inputs:
     batch_file: bool      # True for IDX/NPY input: write one .npy back
 
 
-def _png(path: Path, channels: int) -> np.ndarray:
-    from torchvision.io import ImageReadMode, decode_image
-
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    try:
-        return decode_image(str(path), mode=mode).numpy()  # (C, H, W) uint8
-    except (RuntimeError, ValueError) as exc:
-        raise InvalidInputError(f"{path}: cannot decode image ({exc})") from exc
+def _image_file(path: Path, image_shape: tuple[int, int, int], limits: DecodeLimits = DecodeLimits(max_images=1)
+                ) -> np.ndarray:
+    """One PNG/JPEG file -> uint8 (C, H, W), decoded as the service decodes a request's files."""
+    size = path.stat().st_size
+    if size > limits.max_bytes:  # before reading it: a file is not read whole into memory on trust
+        raise InvalidInputError(f"{path}: file of {size} bytes is above the limit of {limits.max_bytes} bytes "
+                                "for one image")
+    return decode_images([path.read_bytes()], image_shape, limits, names=[str(path)])[0]
 
 
 def read_inputs(paths: list[str | Path], image_shape: tuple[int, int, int]) -> Inputs:
@@ -70,11 +75,7 @@ def read_inputs(paths: list[str | Path], image_shape: tuple[int, int, int]) -> I
         return Inputs(x, [f"{stem}-{i:05d}" for i in range(len(x))], True)
     arrays = []
     for p in paths:
-        a = _png(p, image_shape[0])
-        if tuple(a.shape) != tuple(image_shape):
-            raise InvalidInputError(f"{p}: image is {a.shape[0]}x{a.shape[1]}x{a.shape[2]} (CxHxW), "
-                                    f"the model needs {image_shape[0]}x{image_shape[1]}x{image_shape[2]}")
-        arrays.append(a)
+        arrays.append(_image_file(p, image_shape))                       # (C, H, W) uint8
     x = to_float_images(np.stack(arrays), image_shape)
     return Inputs(x, [p.stem for p in paths], False)
 

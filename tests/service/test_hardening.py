@@ -206,11 +206,11 @@ def test_bad_request_id_is_refused_before_any_work_and_counted(shared):
 
 def test_caller_message_of_a_broken_file_is_generic_and_the_log_has_the_detail(shared, caplog):
     _, clients = shared
-    with caplog.at_level("INFO", logger="purifier.codec"):
+    with caplog.at_level("INFO", logger="purifier.validation"):
         with pytest.raises(grpc.RpcError) as e:
             clients.purifier.Purify(v1_files([BROKEN_PNG]), timeout=30)
     check_refusal(e, "not a decodable PNG or JPEG")
-    details = [getattr(r, "fields", {}).get("detail", "") for r in caplog.records if r.name == "purifier.codec"]
+    details = [getattr(r, "fields", {}).get("detail", "") for r in caplog.records if r.name == "purifier.validation"]
     assert any(details), "the decoder's own message belongs in the log"
 
 
