@@ -14,6 +14,11 @@ class NotFoundError(PurifierError):
     """The named model does not exist."""
 
 
+class ModelUnavailableError(PurifierError):
+    """The named model is configured but cannot serve: it failed to load (the message says
+    which directory and why) or has not finished warming up."""
+
+
 class OverloadedError(PurifierError):
     """The request queue is full; retry later."""
 

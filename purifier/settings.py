@@ -10,9 +10,10 @@ KServe's transformer flags (``--model_name``, ``--predictor_host``, ``--grpc_por
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
@@ -33,9 +34,95 @@ def default_model_dir() -> str:
     return str(repo / DEFAULT_MODEL)
 
 
+DEFAULT_ENTRY = "default"     # the repository name of the --model-dir model
+RESERVED_NAMES = ("purifier",)  # V2 model ``purifier`` is purifier's own, never a pass-through name
+SPEC_KEYS = ("dir", "projection", "threshold", "on_flagged", "downstream_name")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of ``purifier serve``'s repository: the generator (and encoder, card) in
+    ``model_dir`` purifies every request that names ``name``. Unset settings take the
+    server's flags (--projection, --threshold, --on-flagged); the threshold falls back to the
+    model card's."""
+    name: str
+    model_dir: str
+    projection: str | None = None
+    threshold: float | None = None
+    on_flagged: str | None = None
+    downstream_name: str = ""   # the name the downstream serves it under; "" -> name
+
+    def problems(self) -> list[str]:
+        where = f"model {self.name!r}"
+        out = []
+        if not self.name or self.name.strip() != self.name or "," in self.name or "=" in self.name:
+            out.append(f"model name {self.name!r}: use a non-empty name without spaces, ',' or '='")
+        if self.name in RESERVED_NAMES:
+            out.append(f"model name {self.name!r} is purifier's own V2 model; name the entry after the "
+                       "downstream model it purifies for")
+        if not self.model_dir:
+            out.append(f"{where}: give its directory (\"dir\")")
+        if self.projection is not None and self.projection not in PROJECTIONS:
+            out.append(f"{where}: projection {self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and not isinstance(self.threshold, bool)
+                                               and math.isfinite(self.threshold) and self.threshold >= 0):
+            out.append(f"{where}: threshold {self.threshold!r}: give a reconstruction error >= 0")
+        if self.on_flagged is not None and self.on_flagged not in POLICIES:
+            out.append(f"{where}: on_flagged {self.on_flagged!r}: choose one of {', '.join(POLICIES)}")
+        if not isinstance(self.downstream_name, str):
+            out.append(f"{where}: downstream_name must be a string")
+        return out
+
+
+def read_model_config(path: str) -> tuple[str | None, dict[str, ModelSpec]]:
+    """A repository file (JSON) -> (its default model's name or None, specs by name). Relative
+    directories are read from the file's folder. The format::
+
+        {"default": "fashion-mnist",
+         "models": {"fashion-mnist": {"dir": "models/fashion-mnist"},
+                    "shapes": {"dir": "runs/shapes", "projection": "fast", "threshold": 0.02,
+                               "on_flagged": "reject", "downstream_name": "shapes-resnet"}}}
+    """
+    file = Path(path)
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--model-config {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model-config {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("models", {}), dict):
+        raise ConfigError(f'--model-config {path}: expected {{"default": NAME, "models": {{NAME: {{"dir": DIR, '
+                          '...}}}}}}')
+    unknown = sorted(set(doc) - {"default", "models"})
+    if unknown:
+        raise ConfigError(f"--model-config {path}: unknown keys {unknown}; use default and models")
+    default = doc.get("default")
+    if default is not None and not isinstance(default, str):
+        raise ConfigError(f"--model-config {path}: default must be a model name, got {default!r}")
+    specs = {}
+    for name, entry in doc.get("models", {}).items():
+        if isinstance(entry, str):
+            entry = {"dir": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"--model-config {path}: model {name!r} must be an object with \"dir\"")
+        unknown = sorted(set(entry) - set(SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"--model-config {path}: model {name!r} has unknown keys {unknown}; use "
+                              f"{', '.join(SPEC_KEYS)}")
+        d = entry.get("dir") or ""
+        if d and not Path(d).is_absolute():
+            d = str(file.parent / d)
+        specs[name] = ModelSpec(name, d, entry.get("projection"), entry.get("threshold"), entry.get("on_flagged"),
+                                entry.get("downstream_name") or "")
+    return default, specs
+
+
 @dataclass(frozen=True)
 class ServeSettings:
-    model_dir: str = ""  # "" -> default_model_dir()
+    model_dir: str = ""  # "" -> default_model_dir(); the default model (repository name "default")
+    model_config: str | None = None   # a repository file (JSON): several models, chosen by name
+    model: tuple[str, ...] = ()       # NAME=DIR: a model for requests naming NAME (beside the config's)
     host: str = "0.0.0.0"
     grpc_port: int = 8081
     http_port: int | None = None
@@ -66,13 +153,21 @@ class ServeSettings:
     downstream_probe_seconds: float = 2.0     # how often readiness probes the downstream (ServerReady)
     on_flagged: str = "forward"  # what a flagged image does: forward (and flag) or reject the request
     threshold: float | None = None  # detection threshold; None: the model card's
+    # Built from model_dir, model_config and model (see repository()): every served model, and
+    # the name of the one that purifies for names not listed.
+    models: tuple[ModelSpec, ...] = field(init=False, default=())
+    default_model: str = field(init=False, default=DEFAULT_ENTRY)
 
     def __post_init__(self):
-        if not self.model_dir:
-            object.__setattr__(self, "model_dir", default_model_dir())
+        problems = self._repository()
+        if self.default_model == DEFAULT_ENTRY and DEFAULT_ENTRY not in {m.name for m in self.models}:
+            # the --model-dir model (the shipped one unless given) purifies for every name not listed;
+            # model_dir stays "" when the config names another default (dataclasses.replace works)
+            if not self.model_dir:
+                object.__setattr__(self, "model_dir", default_model_dir())
+            object.__setattr__(self, "models", (ModelSpec(DEFAULT_ENTRY, self.model_dir), *self.models))
         if self.downstream.lower() == "none":
             object.__setattr__(self, "downstream", "")
-        problems = []
         for name in ("grpc_port", "http_port"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
@@ -132,6 +227,39 @@ class ServeSettings:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
+    @property
+    def several_models(self) -> bool:
+        return len(self.models) > 1
+
+    def _repository(self) -> list[str]:
+        """Fill ``models`` and ``default_model`` from --model-config and --model NAME=DIR; the
+        --model-dir model joins as ``default`` unless the config names another default.
+        Returns the problems found (the caller reports them with the others)."""
+        problems: list[str] = []
+        default, specs = (None, {})
+        if self.model_config:
+            default, specs = read_model_config(self.model_config)
+        for item in self.model:
+            name, sep, d = item.partition("=")
+            if not sep or not name or not d:
+                problems.append(f"--model {item!r}: give NAME=DIR (for example shapes=runs/shapes/model)")
+                continue
+            old = specs.get(name)
+            specs[name] = ModelSpec(name, d) if old is None else ModelSpec(
+                name, d, old.projection, old.threshold, old.on_flagged, old.downstream_name)
+        for spec in specs.values():
+            problems += spec.problems()
+        if default is not None:
+            if default not in specs:
+                problems.append(f"--model-config: default {default!r} is not among its models "
+                                f"{sorted(specs)}; name one of them, or leave default out for --model-dir's")
+            elif self.model_dir:
+                problems.append(f"--model-dir {self.model_dir} and the config's default {default!r} both name "
+                                "the default model: give one")
+        object.__setattr__(self, "models", tuple(specs.values()))
+        object.__setattr__(self, "default_model", default or DEFAULT_ENTRY)
+        return problems
+
 
 @dataclass(frozen=True)
 class ClassifierSettings:
@@ -152,7 +280,13 @@ class ClassifierSettings:
 
 # flag -> (dest, type, help, extra spellings). Defaults come from the dataclass.
 _SERVE_FLAGS = [
-    ("--model-dir", str, "model directory (the shipped model by default)", []),
+    ("--model-dir", str, "model directory (the shipped model by default): the default model, which purifies "
+                         "for every requested name not listed by --model/--model-config", []),
+    ("--model-config", str, "a model repository file (JSON): {\"default\": NAME, \"models\": {NAME: {\"dir\": DIR, "
+                            "\"projection\", \"threshold\", \"on_flagged\", \"downstream_name\"}}}; each requested "
+                            "(downstream) model name is purified by its own model (docs/service.md)", []),
+    ("--model", list, "NAME=DIR, repeatable: requests naming NAME are purified with the model in DIR "
+                      "(environment: comma-separated)", []),
     ("--host", str, "address to bind", []),
     ("--grpc-port", int, "gRPC port (purifier.v1, KServe V2, health, reflection)", ["--grpc_port"]),
     ("--http-port", int, "serve the V2 REST API (KServe V2 / Triton HTTP) on this port too; unset: no REST "
@@ -211,7 +345,8 @@ def _add(p: argparse.ArgumentParser, flags, cls) -> None:
     for flag, typ, help_, aliases in flags:
         dest = flag.lstrip("-").replace("-", "_")
         shown = str(DEFAULT_MODEL) if dest == "model_dir" else defaults.get(dest)
-        p.add_argument(flag, *aliases, dest=dest, type=typ, default=None,
+        kind = dict(action="append") if typ is list else dict(type=typ)   # list: a repeatable string
+        p.add_argument(flag, *aliases, dest=dest, default=None, **kind,
                        help=f"{help_} [env {_env_name(flag)}; default {shown!r}]")
 
 
@@ -224,12 +359,12 @@ def _build(cls, flags, args, environ) -> object:
         if value is None and environ.get(_env_name(flag)) not in (None, ""):
             raw = environ[_env_name(flag)]
             try:
-                value = typ(raw)
+                value = [v.strip() for v in raw.split(",") if v.strip()] if typ is list else typ(raw)
             except ValueError:
                 kind = {int: "an integer", float: "a number"}.get(typ, "a string")
                 raise ConfigError(f"bad settings: {_env_name(flag)}={raw!r}: expected {kind}") from None
         if value is not None:
-            values[dest] = value
+            values[dest] = tuple(value) if typ is list else value
     return cls(**values)
 
 

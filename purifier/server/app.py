@@ -5,6 +5,11 @@ The port opens once the weights are loaded and before the warm-up batch; health 
 NOT_SERVING until warm-up ends, and afterwards whatever ``readiness`` decides (draining,
 a downstream unreachable for too long).
 
+Several models (``settings.models``): each loads into its own engine and batcher (one
+projection thread runs every batch, one at a time). A model that fails to load or to warm
+up is logged and reported per model (``engine.ServedModel.error``) while the others serve;
+the server fails to start only when no model loads.
+
 Tests and embedders use the async context manager::
 
     async with create_server(ServeSettings(grpc_port=0, metrics_port=0, ...)) as server:
@@ -26,8 +31,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ..engine import Batcher, Engine, Limits, choose_device
-from ..policy import Policy
+from ..engine import Batcher, Limits, Repository, ServedModel, choose_device
+from ..errors import ModelLoadError
 from ..proto import POOL
 from ..proto.inference import grpc_service_pb2_grpc as v2_grpc
 from ..proto.purifier.v1 import purifier_pb2_grpc
@@ -72,7 +77,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
-        self._batcher: Batcher | None = None
+        self.models: Repository | None = None
         self._downstream: Downstream | None = None
         self._decoder: codec.DecodePool | None = None
         self._stopped = asyncio.Event()
@@ -82,13 +87,8 @@ class Server:
         loop = asyncio.get_running_loop()
         device = choose_device(s.device, s.threads)
         self.metrics = Metrics(device=device)
-        limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts, s.max_compute)
-        engine = await loop.run_in_executor(self._executor, Engine.load, s.model_dir, device, s.projection, limits,
-                                            s.cuda_graphs)
-        policy = Policy.build(s.on_flagged, s.threshold, engine.threshold)   # reject needs a threshold
-        self._batcher = Batcher(engine.project, self._executor, max_batch_size=s.max_batch_size,
-                                max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
-                                max_queue_size=s.max_queue_size, metrics=self.metrics)
+        self.models = await self._load_models(device)
+        default = self.models.default
         if s.downstream:
             self._downstream = Downstream(s.downstream, timeout_s=s.downstream_timeout_s,
                                           retries=s.downstream_retries, max_message_bytes=s.max_message_bytes,
@@ -96,11 +96,13 @@ class Server:
         # Decoding is a brief stage before the batch queue, not a second queue: a wait bound as
         # small as the queue's refused bursts there (decode_busy) that the queue would have taken
         # or refused as queue_full. Waiting decodes hold only the request bytes they arrived with.
-        self._decoder = codec.DecodePool(engine.image_shape, codec.DecodeLimits(s.max_batch_size, s.max_decode_bytes),
+        shape = next(m for m in self.models if m.loaded).engine.image_shape   # each request names its own
+        self._decoder = codec.DecodePool(shape, codec.DecodeLimits(s.max_batch_size, s.max_decode_bytes),
                                         s.decode_threads, max(256, s.max_queue_size))
-        self.plane = DataPlane(engine, self._batcher, self._downstream, self.metrics, s.model_name, policy,
-                               self._decoder)
-        self._batcher.start()
+        self.plane = DataPlane(self.models, self._downstream, self.metrics, s.model_name, self._decoder)
+        for served in self.models:
+            if served.batcher is not None:
+                served.batcher.start()
 
         self.v2 = V2(self.plane, self.state, self.metrics)     # the V2 answers, for gRPC and REST alike
         server = self._grpc = grpc.aio.server(options=grpc_options(s.max_message_bytes))
@@ -133,14 +135,69 @@ class Server:
 
         # Ready only once a batch has run end to end (weights paged in, kernels chosen).
         await loop.run_in_executor(self._executor, codec.preload)
-        await loop.run_in_executor(self._executor, engine.warm_up)
+        for served in self.models:
+            if not served.loaded:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, served.engine.warm_up)
+                served.warm = True
+            except Exception as exc:  # noqa: BLE001 - one model's failure is its own
+                if len(self.models) == 1:
+                    raise
+                await served.batcher.close()
+                self._failed(served, exc, "warm-up")
+        if not any(m.ready for m in self.models):
+            raise ModelLoadError("no model warmed up: " + "; ".join(f"{m.name}: {m.error}" for m in self.models))
         self.state.warm = True
         await self.state.changed()
         logs.log(log, logging.INFO, "serving", ready=self.state.ready, port=self.port, http_port=self.http_port,
-                 metrics_port=self.metrics_port, device=device, model_dir=s.model_dir, projection=s.projection, downstream=s.downstream or None,
-                 on_flagged=policy.on_flagged, threshold=policy.threshold,
+                 metrics_port=self.metrics_port, device=device, model_dir=default.model_dir,
+                 projection=s.projection, downstream=s.downstream or None,
+                 on_flagged=default.policy.on_flagged if default.policy else None,
+                 threshold=default.policy.threshold if default.policy else None,
+                 default_model=default.name,
+                 models={m.name: {"dir": m.model_dir, "ready": m.ready, "error": m.error,
+                                  **({"downstream_name": m.downstream_name} if m.downstream_name else {}),
+                                  **({"threshold": m.policy.threshold, "on_flagged": m.policy.on_flagged,
+                                      "steps": m.engine.default.steps, "restarts": m.engine.default.restarts}
+                                     if m.policy else {})}
+                         for m in self.models} if len(self.models) > 1 else None,
                  tls=s.tls, mtls=bool(s.tls_client_ca))
         return self
+
+    async def _load_models(self, device) -> Repository:
+        """Every model of the settings, loaded one after another in the projection thread; each
+        gets its own batcher and model-labelled metrics. One model alone fails the start as it
+        always did; in a repository a failure is logged and kept for that model's requests,
+        unless no model loads at all."""
+        s, loop = self.settings, asyncio.get_running_loop()
+        limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts, s.max_compute)
+        served_models = []
+        for spec in s.models:
+            threshold = spec.threshold if spec.threshold is not None else s.threshold
+            served = await loop.run_in_executor(
+                self._executor, ServedModel.load, spec.name, spec.model_dir, device, spec.projection or s.projection,
+                limits, s.cuda_graphs, spec.on_flagged or s.on_flagged, threshold, spec.downstream_name)
+            served.metrics = self.metrics.for_model(spec.name)
+            if served.loaded:
+                served.batcher = Batcher(served.engine.project, self._executor, max_batch_size=s.max_batch_size,
+                                         max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+                                         max_queue_size=s.max_queue_size, metrics=served.metrics)
+            elif len(s.models) == 1:
+                raise served.exception      # the single-model server fails as it always did
+            else:
+                self._failed(served, served.exception, "load")
+            served_models.append(served)
+        if not any(m.loaded for m in served_models):
+            raise ModelLoadError("no model loaded: " + "; ".join(f"{m.name} ({m.model_dir}): {m.error}"
+                                                                 for m in served_models))
+        return Repository(served_models, s.default_model)
+
+    def _failed(self, served: ServedModel, exc: BaseException, stage: str) -> None:
+        if stage != "load":
+            served.fail(exc)
+        logs.log(log, logging.ERROR, f"model failed to {stage}; the other models serve", model=served.name,
+                 model_dir=served.model_dir, error=served.error)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, let accepted ones finish within ``grace`` seconds."""
@@ -150,12 +207,14 @@ class Server:
         self.state.draining = True
         if self._watch is not None:
             self._watch.cancel()
-        logs.log(log, logging.INFO, "draining", grace_s=grace, queued=self._batcher.depth if self._batcher else 0)
+        queued = sum(m.batcher.depth for m in self.models if m.batcher is not None) if self.models else 0
+        logs.log(log, logging.INFO, "draining", grace_s=grace, queued=queued)
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await asyncio.gather(self._grpc.stop(grace), *([self._rest.stop(grace)] if self._rest else []))
-        if self._batcher is not None:
-            await self._batcher.close()
+        for served in self.models or ():
+            if served.batcher is not None:
+                await served.batcher.close()
         if self._downstream is not None:
             await self._downstream.close()
         if self._metrics_http is not None:

@@ -170,13 +170,15 @@ class DecodePool:
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="purifier-decode")
 
-    async def run(self, fn, *args):
-        """``fn(*args, image_shape, limits=limits)`` in a decode thread."""
+    async def run(self, fn, *args, image_shape: tuple[int, int, int] | None = None):
+        """``fn(*args, image_shape, limits=limits)`` in a decode thread (``image_shape``: the
+        model's the request is for; default the pool's)."""
         if self._pending >= self.max_pending:
             raise OverloadedError(f"{self._pending} requests are being decoded; retry later")
         self._pending += 1
         try:
-            call = functools.partial(contextvars.copy_context().run, fn, *args, self.image_shape, limits=self.limits)
+            shape = self.image_shape if image_shape is None else tuple(image_shape)
+            call = functools.partial(contextvars.copy_context().run, fn, *args, shape, limits=self.limits)
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         finally:
             self._pending -= 1

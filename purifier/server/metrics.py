@@ -13,6 +13,12 @@ Classify's ``model_name``; "" when it names none). Clients choose those names, s
 first ``MAX_MODEL_LABELS`` distinct ones become label values; later ones count as
 ``_other`` (an unbounded label would let a client grow the scrape without end).
 
+The compute metrics (queue, projection, batch size, images, flags, errors, refusals) carry a
+``model`` label too: the repository model that purified (its name in ``--model-config`` /
+``--model``; ``default`` for ``--model-dir``'s). Their values are the configured names, so
+they are bounded by the repository. The batcher and the data plane of one model record
+through its view, ``Metrics.for_model(name)``.
+
 Model ``purifier``'s Triton-style statistics (``statistics.Statistics``) are fed here too,
 so the batcher and the data plane report each event once.
 """
@@ -75,30 +81,37 @@ class Metrics:
         self.request_seconds = Histogram("purifier_request_seconds", "Time from an RPC's arrival to its answer",
                                          ["method", "model"], buckets=LATENCY, registry=r)
         self.queue_seconds = Histogram("purifier_queue_seconds",
-                                       "Time a request waited in the batch queue before its projection started",
-                                       buckets=LATENCY, registry=r)
+                                       "Time a request waited in the batch queue before its projection started, "
+                                       "by the model that purified it", ["model"], buckets=LATENCY, registry=r)
         self.projection_seconds = Histogram("purifier_projection_seconds", "Time of one projection batch",
-                                            buckets=LATENCY, registry=r)
+                                            ["model"], buckets=LATENCY, registry=r)
         self.downstream_seconds = Histogram("purifier_downstream_seconds",
                                             "Time of one call to the downstream server, retries included",
                                             ["method", "model"], buckets=LATENCY, registry=r)
-        self.batch_size = Histogram("purifier_batch_size", "Images per projection batch", buckets=BATCH, registry=r)
+        self.batch_size = Histogram("purifier_batch_size", "Images per projection batch", ["model"],
+                                    buckets=BATCH, registry=r)
         self.reconstruction_error = Histogram("purifier_reconstruction_error",
-                                              "Per-image reconstruction error ||G(z*) - x||^2 / (C*H*W)",
+                                              "Per-image reconstruction error ||G(z*) - x||^2 / (C*H*W)", ["model"],
                                               buckets=ERRORS, registry=r)
-        self.images = Counter("purifier_images", "Images purified", registry=r)
+        self.images = Counter("purifier_images", "Images purified", ["model"], registry=r)
         self.flagged = Counter("purifier_flagged", "Images flagged adversarial (error above the calibrated threshold)",
-                               registry=r)
-        self.queue_depth = Gauge("purifier_queue_depth", "Requests waiting for a projection batch", registry=r)
+                               ["model"], registry=r)
+        self.queue_depth = Gauge("purifier_queue_depth", "Requests waiting for a projection batch", ["model"],
+                                 registry=r)
         self.rejected = Counter("purifier_rejected",
-                                "Requests refused before compute, by reason (queue_full, deadline, shutdown)",
-                                ["reason"], registry=r)
+                                "Requests refused before compute, by reason (queue_full, deadline, shutdown, "
+                                "compute_budget, decode_busy, abandoned) and the model asked for",
+                                ["reason", "model"], registry=r)
         self.policy_rejected = Counter("purifier_policy_rejected",
                                        "Requests failed by the flagged-input policy (--on-flagged reject), by the "
                                        "model they were for and reason (flagged: an image above the threshold)",
                                        ["model", "reason"], registry=r)
         self.downstream_retries = Counter("purifier_downstream_retries",
                                           "Downstream calls retried after UNAVAILABLE", registry=r)
+
+    def for_model(self, name: str) -> "ModelMetrics":
+        """The metrics of one repository model (their ``model`` label set to ``name``)."""
+        return ModelMetrics(self, name)
 
     def model_label(self, name: str) -> str:
         """The ``model`` label value for a model name a client sent (bounded, see above)."""
@@ -127,12 +140,50 @@ class Metrics:
         """Model ``purifier``'s statistics now; the queue part is the queue histogram's
         (one observation per request that reached compute)."""
         snap = self.statistics.snapshot()
-        samples = {s.name: s.value for s in self.queue_seconds.collect()[0].samples}
-        snap.queue = Duration(int(samples["purifier_queue_seconds_count"]),
-                              int(samples["purifier_queue_seconds_sum"] * 1e9))
+        count = total = 0.0
+        for s in self.queue_seconds.collect()[0].samples:   # every model's
+            if s.name == "purifier_queue_seconds_count":
+                count += s.value
+            elif s.name == "purifier_queue_seconds_sum":
+                total += s.value
+        snap.queue = Duration(int(count), int(total * 1e9))
         return snap
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the HTTP exporter in a thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server, server.server_port
+
+
+class _Reasons:
+    """``rejected`` as one model sees it: ``.labels(reason)`` -> its (reason, model) counter."""
+
+    def __init__(self, counter: Counter, model: str):
+        self.counter, self.model = counter, model
+
+    def labels(self, reason: str):
+        return self.counter.labels(reason, self.model)
+
+
+class ModelMetrics:
+    """One repository model's view of ``Metrics``: what its batcher and the data plane record
+    for it (the same attribute names, bound to its ``model`` label); the server-wide parts
+    (statistics, requests) are the shared ones."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.shared, self.model = metrics, model
+        self.queue_seconds = metrics.queue_seconds.labels(model)
+        self.projection_seconds = metrics.projection_seconds.labels(model)
+        self.batch_size = metrics.batch_size.labels(model)
+        self.reconstruction_error = metrics.reconstruction_error.labels(model)
+        self.images = metrics.images.labels(model)
+        self.flagged = metrics.flagged.labels(model)
+        self.queue_depth = metrics.queue_depth.labels(model)
+        self.rejected = _Reasons(metrics.rejected, model)
+        self.policy_rejected = metrics.policy_rejected
+
+    def batch_done(self, requests: int, images: int, seconds: float) -> None:
+        self.shared.batch_done(requests, images, seconds)
+
+    def purification_done(self, ok: bool, seconds: float) -> None:
+        self.shared.purification_done(ok, seconds)

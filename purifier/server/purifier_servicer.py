@@ -17,14 +17,16 @@ class PurifierServicer(pb_grpc.PurifierServicer):
 
     @rpc("Purify")
     async def Purify(self, request: pb.PurifyRequest, context) -> pb.PurifyResponse:
-        images = await self.plane.decode(v1.images_of, request)
+        served = self.plane.models.named(request.model)
+        images = await self.plane.decode(v1.images_of, request, model=served)
         purified = await self.plane.purify(images, v1.options_of(request), deadline_of(context),
-                                           v1.on_flagged_of(request))
+                                           v1.on_flagged_of(request), served=served)
         return v1.purify_response(purified, logs.request_id.get())
 
     @rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        images = await self.plane.decode(v1.images_of, request)
+        served = self.plane.models.for_name(request.model_name or self.plane.default_model)
+        images = await self.plane.decode(v1.images_of, request, model=served)
         rid = logs.request_id.get()
         purified, answer = await self.plane.classify(images, v1.options_of(request), request.model_name,
                                                      deadline_of(context), rid, v1.on_flagged_of(request))

@@ -19,6 +19,7 @@ log = logging.getLogger("purifier.rpc")
 CODES: dict[type[errors.PurifierError], grpc.StatusCode] = {
     errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,  # as Triton answers a model not loaded
     errors.OverloadedError: grpc.StatusCode.UNAVAILABLE,       # as Triton does: retry later
     errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.DownstreamError: grpc.StatusCode.UNAVAILABLE,

@@ -60,6 +60,7 @@ def fill_purification(out: pb.Purification, p: "Purified") -> None:
     out.threshold = p.threshold or 0.0
     out.steps = p.cfg.steps
     out.restarts = p.cfg.restarts
+    out.model = p.model
 
 
 def purify_response(purified: "Purified", request_id: str) -> pb.PurifyResponse:

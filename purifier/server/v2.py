@@ -206,6 +206,17 @@ def on_flagged(parameters) -> str | None:
     return value.strip().lower()
 
 
+def model_param(parameters) -> str | None:
+    """The request parameter ``purifier_model`` (V2 model ``purifier``: which repository model
+    purifies), or None for the default model."""
+    value = params(parameters).get("purifier_model")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"parameter purifier_model must be a string (a model name), got {value!r}")
+    return value
+
+
 def wanted_outputs(request: pb.ModelInferRequest, model: str, available) -> list[str]:
     """The outputs a request asks for (all when it names none); unknown names are refused."""
     wanted = [o.name for o in request.outputs] or list(available)
@@ -240,6 +251,8 @@ def annotate(parameters, purified: "Purified") -> None:
         set_param(parameters, "purifier_threshold", float(purified.threshold))
     set_param(parameters, "purifier_steps", purified.cfg.steps)
     set_param(parameters, "purifier_restarts", purified.cfg.restarts)
+    if purified.model:
+        set_param(parameters, "purifier_model", purified.model)
 
 
 @dataclass

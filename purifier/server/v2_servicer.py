@@ -11,6 +11,12 @@ Triton's ModelConfig and ModelStatistics extensions: ``purifier`` describes itse
 downstream's answer, passed on unchanged (UNIMPLEMENTED where the downstream has none,
 as MLServer and KServe's model server do not). ModelStatistics with no name lists
 ``purifier`` and then every model the downstream reports.
+
+Several models (``--model-config``): ``purifier`` is the default model (its ``purifier_model``
+request parameter picks another by its repository name). Every other name is purified by the
+model listed under it (else the default) and forwarded under its ``downstream_name``; its
+ModelReady is false, and its ModelMetadata, ModelConfig and ModelInfer are UNAVAILABLE with
+the reason, while that model failed to load or warms up.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import numpy as np
 
 from .. import __version__
-from ..errors import DownstreamError, InvalidInputError, PurifierError
+from ..errors import DownstreamError, InvalidInputError, ModelUnavailableError, PurifierError
 from ..proto.inference import grpc_service_pb2 as pb
 from ..proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ..proto.inference import model_config_pb2 as mc
@@ -34,10 +40,11 @@ OUTPUTS = ("purified", "reconstruction_error", "adversarial")
 
 
 def purifier_config(plane: DataPlane) -> mc.ModelConfig:
-    """Model ``purifier`` as Triton describes a model. The input is listed as FP32 NCHW, the
-    form every client can send; UINT8, NHWC and BYTES (PNG/JPEG files) are accepted too
-    (parameter ``input_datatypes``)."""
-    engine, batcher = plane.engine, plane.batcher
+    """Model ``purifier`` (the default model) as Triton describes a model. The input is listed
+    as FP32 NCHW, the form every client can send; UINT8, NHWC and BYTES (PNG/JPEG files) are
+    accepted too (parameter ``input_datatypes``); parameter ``models`` lists the repository."""
+    default = plane.models.default.check()
+    engine, batcher = default.engine, default.batcher
     c, h, w = engine.image_shape
     cfg = mc.ModelConfig(
         name=PURIFIER_MODEL, platform="purifier_defense_gan", backend="purifier",
@@ -59,9 +66,10 @@ def purifier_config(plane: DataPlane) -> mc.ModelConfig:
         out.reshape.SetInParent()          # dims [1] reshaped to []: the output is [B], Triton's idiom
     params = {"input_datatypes": "FP32,UINT8,BYTES", "input_layouts": "NCHW,NHWC",
               "steps": str(engine.default.steps), "restarts": str(engine.default.restarts),
-              "max_queue_size": str(batcher.max_queue_size)}
-    if plane.policy.threshold is not None:   # the threshold in force (--threshold, else the card's)
-        params["threshold"] = repr(float(plane.policy.threshold))
+              "max_queue_size": str(batcher.max_queue_size),
+              "default_model": default.name, "models": ",".join(m.name for m in plane.models)}
+    if default.policy.threshold is not None:   # the threshold in force (--threshold, else the card's)
+        params["threshold"] = repr(float(default.policy.threshold))
     for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -92,7 +100,22 @@ class V2:
         self.plane = plane
         self.state = state        # .ready (the server), .model_ready (model purifier): see readiness
         self.metrics = metrics
-        self.config = purifier_config(plane)
+        self._config: mc.ModelConfig | None = None
+
+    @property
+    def config(self) -> mc.ModelConfig:
+        if self._config is None:             # once the default model has loaded
+            self._config = purifier_config(self.plane)
+        return self._config
+
+    def _target(self, name: str) -> str:
+        """The downstream name of a requested model (after its repository model is checked:
+        a model that failed to load or is warming up is UNAVAILABLE, with the reason)."""
+        served = self.plane.models.for_name(name)
+        if not served.ready:
+            served.check()
+            raise ModelUnavailableError(f"model {served.name!r} is warming up")
+        return served.forward_name(name)
 
     def server_ready(self) -> bool:
         return self.state.ready
@@ -102,18 +125,24 @@ class V2:
 
     async def model_ready(self, name: str, version: str = "", deadline: float | None = None) -> bool:
         if name == PURIFIER_MODEL:
-            return self.state.model_ready
+            return self.state.model_ready and self.plane.models.default.ready
         downstream = self.plane.need_downstream(name)
+        served = self.plane.models.for_name(name)
+        if not served.ready:
+            return False             # its purifier model failed to load, or warms up
         try:
-            return await downstream.model_ready(name, version, deadline)
+            return await downstream.model_ready(served.forward_name(name), version, deadline)
         except DownstreamError:
             return False  # a model behind an unreachable server is not ready; not an error to probes
 
     async def model_metadata(self, name: str, version: str = "",
                              deadline: float | None = None) -> pb.ModelMetadataResponse:
         if name != PURIFIER_MODEL:
-            return await self.plane.need_downstream(name).model_metadata(name, version, deadline)
-        c, h, w = self.plane.engine.image_shape
+            downstream = self.plane.need_downstream(name)
+            answer = await downstream.model_metadata(self._target(name), version, deadline)
+            answer.name = name
+            return answer
+        c, h, w = self.plane.models.default.check().engine.image_shape
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=PURIFIER_MODEL, versions=["1"], platform="purifier_defense_gan",
@@ -125,13 +154,16 @@ class V2:
     async def model_config(self, name: str, version: str = "",
                            deadline: float | None = None) -> pb.ModelConfigResponse:
         if name != PURIFIER_MODEL:
-            return await self.plane.need_downstream(name).model_config(name, version, deadline)
+            downstream = self.plane.need_downstream(name)
+            return await downstream.model_config(self._target(name), version, deadline)
         return pb.ModelConfigResponse(config=self.config)
 
     async def model_statistics(self, name: str = "", version: str = "",
                                deadline: float | None = None) -> pb.ModelStatisticsResponse:
         if name and name != PURIFIER_MODEL:
-            return await self.plane.need_downstream(name).model_statistics(name, version, deadline)
+            downstream = self.plane.need_downstream(name)
+            return await downstream.model_statistics(self.plane.models.for_name(name).forward_name(name),
+                                                     version, deadline)
         response = pb.ModelStatisticsResponse()
         if self.metrics is not None:
             response.model_stats.append(statistics_message(self.metrics.model_statistics()))
@@ -153,9 +185,10 @@ class V2:
             raise InvalidInputError(f"model {PURIFIER_MODEL!r} takes one input (the images), "
                                     f"got {len(request.inputs)}")
         wanted = v2.wanted_outputs(request, PURIFIER_MODEL, OUTPUTS)
-        images, layout, datatype = await self.plane.decode(v2.images_in, request, 0)
+        served = self.plane.models.named(v2.model_param(request.parameters))
+        images, layout, datatype = await self.plane.decode(v2.images_in, request, 0, model=served)
         purified = await self.plane.purify(images, v2.options(request.parameters), deadline,
-                                           v2.on_flagged(request.parameters))
+                                           v2.on_flagged(request.parameters), served=served)
         response = pb.ModelInferResponse(model_name=PURIFIER_MODEL, model_version="1", id=request.id)
         v2.add_outputs(response, {"purified": v2.images_out(purified.images, layout, datatype),
                                   "reconstruction_error": purified.errors.astype(np.float32),

@@ -156,8 +156,8 @@ def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, t
         reported = r.purification.reconstruction_error[0]
         assert np.abs(to_each - reported).argmin() == i                 # the error is to its own image
         assert reported == pytest.approx(to_each[i], rel=1e-4, abs=1e-7)
-    batches = metric(text, "purifier_batch_size_count")
-    assert metric(text, "purifier_batch_size_sum") == n                # the warm-up is not counted
+    batches = metric(text, "purifier_batch_size_count", model="default")
+    assert metric(text, "purifier_batch_size_sum", model="default") == n                # the warm-up is not counted
     assert batches < n, f"{n} concurrent requests ran in {batches} batches: nothing merged"
 
 

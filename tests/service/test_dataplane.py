@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from purifier.engine import Batcher, Engine, Limits
+from purifier.engine import Batcher, Engine, Limits, Repository
 from purifier.errors import InvalidInputError, NotFoundError
 from purifier.proto.inference import grpc_service_pb2 as pb
 from purifier.server import codec, v2
@@ -44,17 +44,18 @@ def with_plane(model_dir, fn, downstream=None, **limits):
         engine = Engine.load(model_dir, "cpu", "fast", Limits(**{"max_batch_size": 8, **limits}))
         metrics = Metrics()
         batcher = Batcher(engine.project, ThreadPoolExecutor(1), max_batch_size=8, max_queue_delay_s=0.0,
-                          max_queue_size=8, metrics=metrics)
+                          max_queue_size=8, metrics=metrics.for_model("default"))
         batcher.start()
         try:
-            return await fn(DataPlane(engine, batcher, downstream, metrics, "clf")), metrics
+            return await fn(DataPlane(Repository.single(engine, batcher, metrics=metrics.for_model("default")),
+                                       downstream, metrics, "clf")), metrics
         finally:
             await batcher.close()
     return asyncio.run(main())
 
 
-def counter(metrics, name):
-    return metrics.registry.get_sample_value(name)
+def counter(metrics, name, model="default"):
+    return metrics.registry.get_sample_value(name, {"model": model})
 
 
 def test_purify_answers_flags_and_counts(tiny_model_dir):

@@ -165,10 +165,10 @@ def test_metrics_count_requests_images_and_errors(server, clients):
     text = scrape(server)
     assert metric(text, "purifier_requests_total", method="Purify", code="OK") == 1
     assert metric(text, "purifier_requests_total", method="Purify", code="INVALID_ARGUMENT") == 1
-    assert metric(text, "purifier_images_total") == 2
-    assert metric(text, "purifier_reconstruction_error_count") == 2
+    assert metric(text, "purifier_images_total", model="default") == 2
+    assert metric(text, "purifier_reconstruction_error_count", model="default") == 2
     for name in ("purifier_queue_seconds_count", "purifier_projection_seconds_count", "purifier_batch_size_count"):
-        assert metric(text, name) >= 1, name
+        assert metric(text, name, model="default") >= 1, name
     assert "purifier_queue_depth" in text and "purifier_downstream_seconds" in text
 
 

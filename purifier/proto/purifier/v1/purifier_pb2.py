@@ -25,17 +25,17 @@ from ... import POOL as _POOL
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1apurifier/v1/purifier.proto\x12\x0bpurifier.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.purifier.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"q\n\x11ProjectionOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08restarts\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_stepsB\x0b\n\t_restartsB\x07\n\x05_seed\"\xe0\x01\n\rPurifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.TensorH\x00\x12-\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x1a.purifier.v1.EncodedImagesH\x00\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.purifier.v1.ProjectionOptions\x12*\n\non_flagged\x18\x05 \x01(\x0e\x32\x16.purifier.v1.OnFlaggedB\x08\n\x06images\"\xb8\x01\n\x0cPurification\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.purifier.v1.Tensor\x12\x1c\n\x14reconstruction_error\x18\x02 \x03(\x02\x12\x13\n\x0b\x61\x64versarial\x18\x03 \x03(\x08\x12\x1c\n\x14threshold_calibrated\x18\x04 \x01(\x08\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x10\n\x08restarts\x18\x07 \x01(\r\"U\n\x0ePurifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x0cpurification\x18\x02 \x01(\x0b\x32\x19.purifier.v1.Purification\"\xf6\x01\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.TensorH\x00\x12-\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x1a.purifier.v1.EncodedImagesH\x00\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.purifier.v1.ProjectionOptions\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12*\n\non_flagged\x18\x06 \x01(\x0e\x32\x16.purifier.v1.OnFlaggedB\x08\n\x06images\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.Tensor\"\xa6\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x0cpurification\x18\x02 \x01(\x0b\x32\x19.purifier.v1.Purification\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.purifier.v1.NamedTensor\x12\x0e\n\x06labels\x18\x05 \x03(\x03*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\t\n\x05INT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\x0b\n\x07\x46LOAT64\x10\x05\x12\x08\n\x04\x42OOL\x10\x06*Y\n\tOnFlagged\x12\x1d\n\x19ON_FLAGGED_SERVER_DEFAULT\x10\x00\x12\x16\n\x12ON_FLAGGED_FORWARD\x10\x01\x12\x15\n\x11ON_FLAGGED_REJECT\x10\x02\x32\x9a\x01\n\x08Purifier\x12\x43\n\x06Purify\x12\x1a.purifier.v1.PurifyRequest\x1a\x1b.purifier.v1.PurifyResponse\"\x00\x12I\n\x08\x43lassify\x12\x1c.purifier.v1.ClassifyRequest\x1a\x1d.purifier.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1apurifier/v1/purifier.proto\x12\x0bpurifier.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.purifier.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"q\n\x11ProjectionOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08restarts\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_stepsB\x0b\n\t_restartsB\x07\n\x05_seed\"\xef\x01\n\rPurifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.TensorH\x00\x12-\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x1a.purifier.v1.EncodedImagesH\x00\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.purifier.v1.ProjectionOptions\x12*\n\non_flagged\x18\x05 \x01(\x0e\x32\x16.purifier.v1.OnFlagged\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06images\"\xc7\x01\n\x0cPurification\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.purifier.v1.Tensor\x12\x1c\n\x14reconstruction_error\x18\x02 \x03(\x02\x12\x13\n\x0b\x61\x64versarial\x18\x03 \x03(\x08\x12\x1c\n\x14threshold_calibrated\x18\x04 \x01(\x08\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x10\n\x08restarts\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\"U\n\x0ePurifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x0cpurification\x18\x02 \x01(\x0b\x32\x19.purifier.v1.Purification\"\xf6\x01\n\x0f\x43lassifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.TensorH\x00\x12-\n\x07\x65ncoded\x18\x03 \x01(\x0b\x32\x1a.purifier.v1.EncodedImagesH\x00\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.purifier.v1.ProjectionOptions\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12*\n\non_flagged\x18\x06 \x01(\x0e\x32\x16.purifier.v1.OnFlaggedB\x08\n\x06images\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.purifier.v1.Tensor\"\xa6\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x0cpurification\x18\x02 \x01(\x0b\x32\x19.purifier.v1.Purification\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.purifier.v1.NamedTensor\x12\x0e\n\x06labels\x18\x05 \x03(\x03*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\t\n\x05INT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\x0b\n\x07\x46LOAT64\x10\x05\x12\x08\n\x04\x42OOL\x10\x06*Y\n\tOnFlagged\x12\x1d\n\x19ON_FLAGGED_SERVER_DEFAULT\x10\x00\x12\x16\n\x12ON_FLAGGED_FORWARD\x10\x01\x12\x15\n\x11ON_FLAGGED_REJECT\x10\x02\x32\x9a\x01\n\x08Purifier\x12\x43\n\x06Purify\x12\x1a.purifier.v1.PurifyRequest\x1a\x1b.purifier.v1.PurifyResponse\"\x00\x12I\n\x08\x43lassify\x12\x1c.purifier.v1.ClassifyRequest\x1a\x1d.purifier.v1.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'purifier.v1.purifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1250
-  _globals['_DTYPE']._serialized_end=1349
-  _globals['_ONFLAGGED']._serialized_start=1351
-  _globals['_ONFLAGGED']._serialized_end=1440
+  _globals['_DTYPE']._serialized_start=1280
+  _globals['_DTYPE']._serialized_end=1379
+  _globals['_ONFLAGGED']._serialized_start=1381
+  _globals['_ONFLAGGED']._serialized_end=1470
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=115
   _globals['_ENCODEDIMAGES']._serialized_start=117
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROJECTIONOPTIONS']._serialized_start=150
   _globals['_PROJECTIONOPTIONS']._serialized_end=263
   _globals['_PURIFYREQUEST']._serialized_start=266
-  _globals['_PURIFYREQUEST']._serialized_end=490
-  _globals['_PURIFICATION']._serialized_start=493
-  _globals['_PURIFICATION']._serialized_end=677
-  _globals['_PURIFYRESPONSE']._serialized_start=679
-  _globals['_PURIFYRESPONSE']._serialized_end=764
-  _globals['_CLASSIFYREQUEST']._serialized_start=767
-  _globals['_CLASSIFYREQUEST']._serialized_end=1013
-  _globals['_NAMEDTENSOR']._serialized_start=1015
-  _globals['_NAMEDTENSOR']._serialized_end=1079
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1082
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1248
-  _globals['_PURIFIER']._serialized_start=1443
-  _globals['_PURIFIER']._serialized_end=1597
+  _globals['_PURIFYREQUEST']._serialized_end=505
+  _globals['_PURIFICATION']._serialized_start=508
+  _globals['_PURIFICATION']._serialized_end=707
+  _globals['_PURIFYRESPONSE']._serialized_start=709
+  _globals['_PURIFYRESPONSE']._serialized_end=794
+  _globals['_CLASSIFYREQUEST']._serialized_start=797
+  _globals['_CLASSIFYREQUEST']._serialized_end=1043
+  _globals['_NAMEDTENSOR']._serialized_start=1045
+  _globals['_NAMEDTENSOR']._serialized_end=1109
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1112
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1278
+  _globals['_PURIFIER']._serialized_start=1473
+  _globals['_PURIFIER']._serialized_end=1627
 # @@protoc_insertion_point(module_scope)

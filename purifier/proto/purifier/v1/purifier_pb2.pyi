@@ -60,21 +60,23 @@ class ProjectionOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., restarts: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PurifyRequest(_message.Message):
-    __slots__ = ("request_id", "tensor", "encoded", "options", "on_flagged")
+    __slots__ = ("request_id", "tensor", "encoded", "options", "on_flagged", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ON_FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensor: Tensor
     encoded: EncodedImages
     options: ProjectionOptions
     on_flagged: OnFlagged
-    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ..., on_flagged: _Optional[_Union[OnFlagged, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ..., options: _Optional[_Union[ProjectionOptions, _Mapping]] = ..., on_flagged: _Optional[_Union[OnFlagged, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Purification(_message.Message):
-    __slots__ = ("images", "reconstruction_error", "adversarial", "threshold_calibrated", "threshold", "steps", "restarts")
+    __slots__ = ("images", "reconstruction_error", "adversarial", "threshold_calibrated", "threshold", "steps", "restarts", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
     ADVERSARIAL_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +84,7 @@ class Purification(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     reconstruction_error: _containers.RepeatedScalarFieldContainer[float]
     adversarial: _containers.RepeatedScalarFieldContainer[bool]
@@ -89,7 +92,8 @@ class Purification(_message.Message):
     threshold: float
     steps: int
     restarts: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., reconstruction_error: _Optional[_Iterable[float]] = ..., adversarial: _Optional[_Iterable[bool]] = ..., threshold_calibrated: bool = ..., threshold: _Optional[float] = ..., steps: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., reconstruction_error: _Optional[_Iterable[float]] = ..., adversarial: _Optional[_Iterable[bool]] = ..., threshold_calibrated: bool = ..., threshold: _Optional[float] = ..., steps: _Optional[int] = ..., restarts: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class PurifyResponse(_message.Message):
     __slots__ = ("request_id", "purification")
