@@ -30,56 +30,85 @@ def _deconv(cin: int, cout: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1)
 
 
-class Generator(nn.Module):
-    """Defense-GAN's generator (Gulrajani et al.'s WGAN-GP MNIST generator).
+def blocks_for(height: int, width: int) -> int:
+    """How many stride-2 stages the family uses for an image: halve (rounding up) until the
+    larger side is at most 4. 28 -> 3 (the paper's 4 -> 7 -> 14 -> 28), 32 -> 3, 64 -> 4."""
+    size, blocks = max(height, width), 0
+    while size > 4:
+        size, blocks = math.ceil(size / 2), blocks + 1
+    return max(blocks, 1)
 
-    FC latent->4*4*4d, ReLU, deconv->2d, ReLU, crop, deconv->d, ReLU, deconv->C, sigmoid.
-    For 28x28 the crop takes 8x8 to 7x7; in general the three deconvolutions produce
-    ceil(H/8) -> H/4 -> H/2 -> H, cropping where doubling overshoots.
+
+def _sizes(size: int, blocks: int) -> list[int]:
+    """Spatial sizes from the generator's first feature map to the image: [s0, ..., size]."""
+    out = [size]
+    for _ in range(blocks):
+        out.insert(0, math.ceil(out[0] / 2))
+    return out
+
+
+class Generator(nn.Module):
+    """Defense-GAN's generator (Gulrajani et al.'s WGAN-GP MNIST generator), as a DCGAN-style
+    family over image shapes.
+
+    FC latent->s0*s0*(2^(k-1))d, then k 5x5 stride-2 deconvolutions halving the width
+    (..., 2d, d, C) with ReLU between, sigmoid out; each doubling that overshoots the target is
+    cropped. ``blocks`` k=3 is the paper's exact network (28x28: FC->4d*4*4, deconv->2d 8x8
+    cropped to 7x7, ->d 14x14, ->C 28x28); :func:`blocks_for` picks k from the image size
+    (32x32: 3, 64x64: 4). No batch norm, as the paper's: the projection differentiates G one
+    image at a time and the critic's gradient penalty is per sample.
     """
 
     def __init__(self, latent_dim: int = 128, channels: int = 1, height: int = 28,
-                 width: int = 28, dim: int = 64):
+                 width: int = 28, dim: int = 64, blocks: int = 3):
         super().__init__()
         if height % 4 or width % 4:
             raise ValueError(f"generator image size must be divisible by 4, got {height}x{width}")
+        if blocks < 1:
+            raise ValueError(f"generator needs at least one block, got {blocks}")
+        # Configs saved before the family existed have no "blocks": 3, the paper's, is the default.
         self.config = dict(arch="dcgan", latent_dim=latent_dim, channels=channels,
-                           height=height, width=width, dim=dim)
+                           height=height, width=width, dim=dim, blocks=blocks)
         self.latent_dim = latent_dim
         self.image_shape = ImageShape(channels, height, width)
-        self.h1, self.w1 = height // 4, width // 4
-        self.h0, self.w0 = math.ceil(self.h1 / 2), math.ceil(self.w1 / 2)
+        self.hs, self.ws = _sizes(height, blocks), _sizes(width, blocks)
+        self.h0, self.w0 = self.hs[0], self.ws[0]
         self.dim = dim
-        self.fc = nn.Linear(latent_dim, 4 * dim * self.h0 * self.w0)
-        self.up1 = _deconv(4 * dim, 2 * dim)
-        self.up2 = _deconv(2 * dim, dim)
-        self.up3 = _deconv(dim, channels)
+        self.widths = [dim * 2 ** (blocks - 1 - i) for i in range(blocks)] + [channels]  # 4d, 2d, d, C
+        self.fc = nn.Linear(latent_dim, self.widths[0] * self.h0 * self.w0)
+        for i in range(blocks):  # up1, up2, ...: the paper's parameter names
+            setattr(self, f"up{i + 1}", _deconv(self.widths[i], self.widths[i + 1]))
+        self.blocks = blocks
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.fc(z)).view(-1, 4 * self.dim, self.h0, self.w0)  # (N, 4d, h0, w0)
-        x = torch.relu(self.up1(x))[:, :, : self.h1, : self.w1]               # (N, 2d, H/4, W/4)
-        x = torch.relu(self.up2(x))                                           # (N, d, H/2, W/2)
-        return torch.sigmoid(self.up3(x))                                     # (N, C, H, W)
+        x = torch.relu(self.fc(z)).view(-1, self.widths[0], self.h0, self.w0)  # (N, 4d, h0, w0)
+        for i in range(1, self.blocks + 1):
+            # (N, widths[i], hs[i], ws[i]); slicing to the full size is a no-op view
+            x = getattr(self, f"up{i}")(x)[:, :, : self.hs[i], : self.ws[i]]
+            x = torch.relu(x) if i < self.blocks else torch.sigmoid(x)
+        return x                                                                 # (N, C, H, W)
 
 
 class Critic(nn.Module):
-    """WGAN-GP critic: three 5x5 stride-2 convs (d, 2d, 4d), LeakyReLU 0.2, linear -> 1.
+    """WGAN-GP critic: ``blocks`` 5x5 stride-2 convs (d, 2d, 4d, ...), LeakyReLU 0.2, linear -> 1.
 
     No batch norm: the gradient penalty is per-sample and batch norm would break it.
+    ``blocks`` 3 is the paper's critic; the family picks it with :func:`blocks_for`.
     """
 
-    def __init__(self, channels: int = 1, height: int = 28, width: int = 28, dim: int = 64):
+    def __init__(self, channels: int = 1, height: int = 28, width: int = 28, dim: int = 64,
+                 blocks: int = 3):
         super().__init__()
-        self.config = dict(arch="dcgan-critic", channels=channels, height=height, width=width, dim=dim)
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, dim, 5, 2, 2), nn.LeakyReLU(0.2),
-            nn.Conv2d(dim, 2 * dim, 5, 2, 2), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * dim, 4 * dim, 5, 2, 2), nn.LeakyReLU(0.2),
-        )
-        h, w = height, width
-        for _ in range(3):
-            h, w = (h + 1) // 2, (w + 1) // 2
-        self.fc = nn.Linear(4 * dim * h * w, 1)
+        self.config = dict(arch="dcgan-critic", channels=channels, height=height, width=width, dim=dim,
+                           blocks=blocks)
+        self.image_shape = ImageShape(channels, height, width)
+        layers: list[nn.Module] = []
+        cin, h, w = channels, height, width
+        for i in range(blocks):
+            layers += [nn.Conv2d(cin, dim * 2 ** i, 5, 2, 2), nn.LeakyReLU(0.2)]
+            cin, h, w = dim * 2 ** i, (h + 1) // 2, (w + 1) // 2
+        self.net = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin * h * w, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.net(x).flatten(1)).squeeze(1)  # (N,)
@@ -145,15 +174,25 @@ class Encoder(nn.Module):
     (the "invert and defend" idea). Same trunk as the critic."""
 
     def __init__(self, latent_dim: int = 128, channels: int = 1, height: int = 28,
-                 width: int = 28, dim: int = 64):
+                 width: int = 28, dim: int = 64, blocks: int = 3):
         super().__init__()
         self.config = dict(arch="encoder", latent_dim=latent_dim, channels=channels,
-                           height=height, width=width, dim=dim)
-        self.trunk = Critic(channels, height, width, dim)
+                           height=height, width=width, dim=dim, blocks=blocks)
+        self.image_shape = ImageShape(channels, height, width)
+        self.trunk = Critic(channels, height, width, dim, blocks)
         self.trunk.fc = nn.Linear(self.trunk.fc.in_features, latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk.fc(self.trunk.net(x).flatten(1))  # (N, latent)
+
+
+def gan_pair(channels: int, height: int, width: int, latent_dim: int = 128,
+             dim: int = 64) -> tuple[Generator, Critic]:
+    """The family member for an image shape: G and D with :func:`blocks_for` stages (for
+    28x28 the paper's networks, layer for layer)."""
+    blocks = blocks_for(height, width)
+    return (Generator(latent_dim, channels, height, width, dim, blocks),
+            Critic(channels, height, width, dim, blocks))
 
 
 def build(kind: str, config: dict) -> nn.Module:
