@@ -68,7 +68,8 @@ def hint(exc: Exception, command: str) -> str:
         return (f"check {where}: a folder with generator.safetensors (and classifier/encoder) and "
                 "card.json, as written by `purifier train-*`")
     if isinstance(exc, DataError):
-        return "pass --data-dir DIR or set PURIFIER_DATA_DIR to the folder with the IDX files"
+        return ("check the data named: --data PATH (a folder of images, .npy/.npz, IDX; docs/your-data.md), "
+                "or --data-dir DIR / PURIFIER_DATA_DIR for the folder with the IDX files")
     if isinstance(exc, DownstreamError):
         return "check that the downstream classifier server is up and reachable"
     return f"see `purifier {command} --help`"

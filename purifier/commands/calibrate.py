@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .common import add_data, add_device, resolve_device
+from .common import add_data, add_device, data_spec, resolve_device
 
 HELP = ("pick the detection threshold for a target false-positive rate on clean validation images "
         "and write it into the model card (the service's `adversarial` flag uses it)")
@@ -10,7 +10,7 @@ def add_arguments(p) -> None:
     from ..projection import PRESETS
 
     p.add_argument("model_dir", help="model directory whose card.json gets the threshold")
-    add_data(p, default=None)
+    add_data(p, default=None, paths=True)
     add_device(p)
     p.add_argument("--target-fpr", type=float, default=0.05, help="share of clean images flagged (default 0.05)")
     p.add_argument("--n", type=int, default=1000, help="validation images that choose the threshold")
@@ -59,12 +59,13 @@ def run(args) -> int:
         raise ConfigError("--n and --holdout must be >= 1, --heldout-n >= 0")
     device = resolve_device(args)
     bundle = checkpoint.load_bundle(args.model_dir, device)
-    dataset = args.dataset or bundle.card.get("dataset")
+    dataset, image_size = data_spec(args, bundle.card)
     if dataset is None:
-        raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset")
+        raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset or --data")
     cfg = preset(args.projection, has_encoder=bundle.encoder is not None, steps=args.steps,
                  restarts=args.restarts, latent_radius=args.latent_radius)
-    train = data.load(dataset, "train", args.data_dir)
+    train = data.load(dataset, "train", args.data_dir, image_size=image_size)
+    data.check_shape(train, bundle.image_shape, f"the generator in {args.model_dir}")
     held = train.images[-args.holdout:]
     # One seeded order of the slice: the first N choose the threshold (the images data.subset
     # would pick), the next HELDOUT_N, disjoint from them, measure it.
@@ -74,7 +75,8 @@ def run(args) -> int:
                                   args.target_fpr, bundle.encoder, args.batch_size, not args.no_progress,
                                   heldout=rest.to(device))
     section["data"] = {"dataset": dataset, "split": "train", "slice": f"last {args.holdout}",
-                       "seed": args.seed, "source": train.source, "heldout_n": len(rest)}
+                       "seed": args.seed, "source": train.source, "heldout_n": len(rest),
+                       **data.card_fields(image_size)}
     print(json.dumps(section, indent=2))
     print(operating_point(section))
     if not args.dry_run:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .common import add_data, add_device, resolve_device
+from .common import add_data, add_device, data_spec, resolve_device
 
 HELP = ("measure robustness: accuracy under defense-oblivious, transfer and adaptive (BPDA+EOT) "
         "attacks, with and without purification, and detection ROC; writes results.json, "
@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     from ..evaluation.evaluate import ATTACKS, PROJECTIONS, EvalConfig as C
 
     p.add_argument("model_dir", help="model directory (generator + classifier), e.g. models/mnist")
-    add_data(p, default=None)
+    add_data(p, default=None, paths=True)
     add_device(p)
     p.add_argument("--out", required=True, help="output directory: results, figures and the resume cache")
     p.add_argument("--n", type=int, default=C.n, help="test images (seeded choice) per cell")
@@ -73,7 +73,8 @@ def config_from_args(args):
     from ..evaluation.evaluate import EvalConfig
 
     return EvalConfig(
-        model_dir=args.model_dir, out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, n=args.n,
+        model_dir=args.model_dir, out_dir=args.out, dataset=data_spec(args)[0], data_dir=args.data_dir,
+        image_size=args.image_size, n=args.n,
         attacks=args.attacks, eps=args.eps, projection=args.projection, steps=args.steps,
         restarts=args.restarts, latent_radius=args.latent_radius, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
         cw_search_steps=args.cw_search_steps, transfer_method=args.transfer_method,

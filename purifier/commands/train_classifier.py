@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .common import add_data, add_device, resolve_device
+from .common import add_data, add_device, data_spec, resolve_device
 
 HELP = "train one of the paper's classifiers (A, B, C, D) and export it to a model directory"
 
@@ -8,7 +8,7 @@ HELP = "train one of the paper's classifiers (A, B, C, D) and export it to a mod
 def add_arguments(p) -> None:
     from ..training.classifier import ClassifierTrainConfig as C
 
-    add_data(p)
+    add_data(p, paths=True)
     add_device(p)
     p.add_argument("--arch", default=C.arch, choices=["A", "B", "C", "D"])
     p.add_argument("--out", default=None, help="model directory (default models/<dataset>)")
@@ -23,10 +23,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..data import name_of
     from ..training.classifier import ClassifierTrainConfig, train
 
-    cfg = ClassifierTrainConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
-                                out_dir=args.out or f"models/{args.dataset}", name=args.name,
+    spec, image_size = data_spec(args)
+    cfg = ClassifierTrainConfig(dataset=spec, data_dir=args.data_dir, image_size=image_size, arch=args.arch,
+                                out_dir=args.out or f"models/{name_of(spec)}", name=args.name,
                                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, shift=args.shift,
                                 seed=args.seed, device=resolve_device(args))
     summary = train(cfg, progress=not args.no_progress)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from .common import add_data, add_device, resolve_device
+from .common import add_data, add_device, data_spec, resolve_device
 
 HELP = "train the encoder E(x)->z that starts the fast projection near its answer"
 
@@ -11,7 +11,7 @@ HELP = "train the encoder E(x)->z that starts the fast projection near its answe
 def add_arguments(p) -> None:
     from ..training.encoder import EncoderTrainConfig as C
 
-    add_data(p)
+    add_data(p, paths=True)
     add_device(p)
     p.add_argument("--model-dir", default=None,
                    help="folder with generator.safetensors; encoder.safetensors goes there (default models/<dataset>)")
@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..checkpoint import read_card
+    from ..data import name_of
     from ..training.encoder import EncoderTrainConfig, train
 
     cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -38,7 +40,10 @@ def run(args) -> int:
     def progress(step, lat, rec):
         print(f"step {step}: latent loss {lat:.4f}, recon loss {rec:.5f}", flush=True)
 
-    summary = train(args.model_dir or f"models/{args.dataset}", args.dataset, cfg, args.data_dir, device,
-                    command="purifier " + shlex.join(sys.argv[1:]), progress=progress)
+    # Without --data/--dataset: the data the model directory's card names, else the default.
+    model_dir = args.model_dir or f"models/{name_of(data_spec(args)[0])}"
+    spec, image_size = data_spec(args, read_card(model_dir))
+    summary = train(model_dir, spec, cfg, args.data_dir, device,
+                    command="purifier " + shlex.join(sys.argv[1:]), progress=progress, image_size=image_size)
     print({k: summary[k] for k in ("file", "steps_run", "wall_seconds", "train_recon_error_of_encoder_alone")})
     return 0

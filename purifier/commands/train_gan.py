@@ -9,11 +9,19 @@ DATASETS = ("mnist", "fashion-mnist")
 def add_arguments(p) -> None:
     from ..training.gan import GANTrainConfig as C
 
-    p.add_argument("--dataset", default="fashion-mnist",
-                   help="mnist, fashion-mnist, or both comma-separated (trained at once, one CUDA stream each)")
+    p.add_argument("--dataset", default=None,
+                   help="mnist, fashion-mnist, or both comma-separated (trained at once, one CUDA stream each); "
+                        "default fashion-mnist")
     p.add_argument("--data-dir", default=None,
                    help="folder with the IDX files (default: PURIFIER_DATA_DIR, /usr/share/datasets/<name>, "
                         "../shared/datasets/<name>, ./data/<name>); may contain {dataset}")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your images instead of --dataset: a folder (flat, or class subfolders; train/ inside "
+                        "for a split), a .npy/.npz file or an IDX images file; the generator and critic are "
+                        "chosen from the images' shape (docs/your-data.md)")
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="resize every image: shorter side to S, then the centre S x S (default: keep the size, "
+                        "which all images must share)")
     add_device(p)
     p.add_argument("--run-dir", default=None,
                    help="checkpoints, samples, snapshots (default runs/gan-{dataset})")
@@ -57,10 +65,18 @@ def configs(args) -> list:
     from ..errors import ConfigError
     from ..training.gan import GANTrainConfig
 
-    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
-    bad = [d for d in names if d not in DATASETS]
-    if not names or bad:
-        raise ConfigError(f"--dataset: unknown data set(s) {bad or names}; choose from {', '.join(DATASETS)}")
+    from ..data import name_of
+
+    if args.data and args.dataset:
+        raise ConfigError(f"give --dataset {args.dataset} or --data {args.data}, not both")
+    if args.data:
+        names = [args.data]
+    else:
+        names = [d.strip() for d in (args.dataset or "fashion-mnist").split(",") if d.strip()]
+        bad = [d for d in names if d not in DATASETS]
+        if not names or bad:
+            raise ConfigError(f"--dataset: unknown data set(s) {bad or names}; choose from {', '.join(DATASETS)}, "
+                              f"or give --data PATH")
     if len(set(names)) != len(names):
         raise ConfigError(f"--dataset names a data set twice: {args.dataset}")
     if len(names) > 1:
@@ -74,9 +90,10 @@ def configs(args) -> list:
     device = resolve_device(args)
     out = []
     for d in names:
-        fill = (lambda v: v.replace("{dataset}", d) if v else v)
+        fill = (lambda v: v.replace("{dataset}", name_of(d)) if v else v)
         out.append(GANTrainConfig(
-            dataset=d, data_dir=fill(args.data_dir), run_dir=fill(args.run_dir) or f"runs/gan-{d}",
+            dataset=d, data_dir=fill(args.data_dir), image_size=args.image_size,
+            run_dir=fill(args.run_dir) or f"runs/gan-{name_of(d)}",
             out_dir=fill(args.out), iterations=args.iterations, batch_size=args.batch_size,
             n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
@@ -90,14 +107,13 @@ def run(args) -> int:
 
     import torch
 
-    from .. import data
-    from ..training.gan import check_graph, train_many
+    from ..training.gan import check_graph, train_many, training_images
 
     cfgs = configs(args)
     if args.check_graph and cfgs[0].device.startswith("cuda") and not args.export_only \
             and cfgs[0].cuda_graph != "off":
         for cfg in cfgs:
-            images = data.load(cfg.dataset, "train", cfg.data_dir).images
+            images = training_images(cfg)
             try:
                 result = check_graph(cfg, images, torch.device(cfg.device), args.check_graph)
             except Exception as exc:  # noqa: BLE001 - reported, then the eager step trains

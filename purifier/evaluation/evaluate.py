@@ -58,8 +58,9 @@ BLACKBOX_BATCH, BLACKBOX_LR = 128, 1e-3   # the original's substitute training (
 class EvalConfig:
     model_dir: str
     out_dir: str
-    dataset: str | None = None          # default: the model card's dataset
+    dataset: str | None = None          # a name or a path (purifier.data.load); default: the model card's
     data_dir: str | None = None
+    image_size: int | None = None       # resize rule of purifier.data; default: the model card's
     n: int = 1000                       # test images for clean, oblivious and transfer cells
     attacks: tuple[str, ...] = ATTACKS
     eps: tuple[float, ...] = (0.1, 0.2, 0.3)
@@ -250,7 +251,7 @@ class Evaluation:
         self.bundle = checkpoint.load_bundle(cfg.model_dir, self.device, need_classifier=True)
         self.dataset = cfg.dataset or self.bundle.card.get("dataset")
         if self.dataset is None:
-            raise ConfigError(f"{cfg.model_dir}/card.json names no dataset: pass --dataset")
+            raise ConfigError(f"{cfg.model_dir}/card.json names no dataset: pass --dataset or --data")
         self.pcfg = cfg.projection_config(self.bundle.encoder is not None)
         self.substitute = None
         self.substitute_path = None
@@ -259,17 +260,17 @@ class Evaluation:
             if not path.is_file():
                 raise ConfigError(
                     f"transfer attack needs a substitute classifier; {path} does not exist. Train one "
-                    f"with `purifier train-classifier --dataset {self.dataset} --arch B --out "
+                    f"with `purifier train-classifier {data.flags(self.dataset)} --arch B --out "
                     f"{cfg.model_dir} --name substitute`, pass --substitute PATH, or drop 'transfer'")
             self.substitute_path = path
             self.substitute = checkpoint.load_module(path, "classifier", self.device)
             for p in self.substitute.parameters():
                 p.requires_grad_(False)
 
-        test = data.load(self.dataset, "test", cfg.data_dir)
-        if tuple(test.images.shape[1:]) != tuple(self.bundle.image_shape):
-            raise ConfigError(f"{self.dataset} images are {tuple(test.images.shape[1:])}, the model "
-                              f"expects {tuple(self.bundle.image_shape)}")
+        test = data.load(self.dataset, "test", cfg.data_dir,
+                         image_size=cfg.image_size or self.bundle.card.get("image_size"))
+        data.check_shape(test, self.bundle.image_shape, f"the generator in {cfg.model_dir}")
+        data.require_labels(test, "purifier eval")
         chosen = data.subset(test, cfg.n, cfg.seed)   # seeded; every smaller count is a prefix
         self.x, self.y = chosen.images, chosen.labels  # (n, C, H, W) on the host, (n,)
         self.n = len(self.y)

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint, data, hardware
+from ..errors import DataError
 from ..models import Classifier
 
 
 @dataclass
 class ClassifierTrainConfig:
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist"  # a name or a path: anything purifier.data.load takes
     data_dir: str | None = None
+    image_size: int | None = None   # resize rule of purifier.data (shorter side, centre crop)
     arch: str = "A"
     out_dir: str = "models/fashion-mnist"
     name: str = "classifier"      # file stem: classifier.safetensors, substitute.safetensors
@@ -49,13 +51,37 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(labels)
 
 
+HELD_OUT = 0.1  # share of a split-less source kept for the test accuracy
+
+
+def splits(cfg: ClassifierTrainConfig) -> tuple[data.Split, data.Split, str]:
+    """Training and test images. A source with no test split of its own (``Split.whole``)
+    gives a seeded ``HELD_OUT`` share to the test, untouched by training."""
+    tr = data.load(cfg.dataset, "train", cfg.data_dir, image_size=cfg.image_size)
+    data.require_labels(tr, "train-classifier")
+    if tr.whole:
+        # A seeded random share, not the last files: a class-per-folder listing is sorted by class.
+        n_test = max(1, int(len(tr.labels) * HELD_OUT))
+        if len(tr.labels) - n_test < 1:
+            raise DataError(f"{tr.source}: {len(tr.labels)} images are too few to hold a test share out")
+        perm = torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(cfg.seed))
+        test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
+        test = data.Split(tr.images[test_idx], tr.labels[test_idx], tr.source, tr.classes, True)
+        train_part = data.Split(tr.images[train_idx], tr.labels[train_idx], tr.source, tr.classes, True)
+        return train_part, test, (f"{n_test} images of {tr.source} held out from training "
+                                  f"({HELD_OUT:.0%}, seed {cfg.seed})")
+    te = data.load(cfg.dataset, "test", cfg.data_dir, image_size=cfg.image_size)
+    data.require_labels(te, "train-classifier's test accuracy")
+    return tr, te, f"the test split of {cfg.dataset}"
+
+
 def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    tr = data.load(cfg.dataset, "train", cfg.data_dir)
-    te = data.load(cfg.dataset, "test", cfg.data_dir)
+    tr, te, test_from = splits(cfg)
     C, H, W = tr.images.shape[1:]
-    model = Classifier(cfg.arch, C, H, W).to(device)
+    classes = len(tr.classes) if tr.classes else int(max(tr.labels.max(), te.labels.max())) + 1
+    model = Classifier(cfg.arch, C, H, W, num_classes=classes).to(device)
     opt = torch.optim.Adam(model.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -87,7 +113,7 @@ def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
         "file": f"{cfg.name}.safetensors",
         "architecture": model.config,
         "training": {
-            "command": (f"purifier train-classifier --dataset {cfg.dataset} --arch {cfg.arch} "
+            "command": (f"purifier train-classifier {data.flags(cfg.dataset, cfg.image_size)} --arch {cfg.arch} "
                         f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} "
                         f"--shift {cfg.shift} --seed {cfg.seed} --out {cfg.out_dir} --name {cfg.name}"),
             "settings": asdict(cfg),
@@ -96,7 +122,9 @@ def train(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
             "wall_seconds": round(wall, 1),
             "hardware": hardware.summary(cfg.device),
         },
-        "metrics": {"clean_test_accuracy": round(acc, 4), "test_images": len(te.labels)},
+        "metrics": {"clean_test_accuracy": round(acc, 4), "test_images": len(te.labels), "test_from": test_from},
     }
-    checkpoint.update_card(out, dataset=cfg.dataset, **{cfg.name: summary})
+    if tr.classes is not None:
+        summary["classes"] = list(tr.classes)  # label i is classes[i] (the folder names)
+    checkpoint.update_card(out, dataset=cfg.dataset, **data.card_fields(cfg.image_size), **{cfg.name: summary})
     return summary

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..hardware import describe
-from ..models import Encoder
+from ..models import Encoder, blocks_for
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
     for p in generator.parameters():
         p.requires_grad_(False)
     generator.eval()
-    enc = Encoder(D, C, H, W, cfg.dim).to(device).train()
+    enc = Encoder(D, C, H, W, cfg.dim, blocks_for(H, W)).to(device).train()  # the critic's trunk for this shape
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     start = time.perf_counter()
@@ -89,16 +89,20 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
 
 
 def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str | None = None,
-          device: str = "cpu", command: str | None = None, progress=None) -> dict:
+          device: str = "cpu", command: str | None = None, progress=None,
+          image_size: int | None = None) -> dict:
     """Train an encoder for ``<model_dir>/generator.safetensors`` on ``dataset``'s training
-    images; save ``<model_dir>/encoder.safetensors`` and record the run in the card."""
+    images (a name or a path, see :func:`purifier.data.load`); save
+    ``<model_dir>/encoder.safetensors`` and record the run in the card."""
     from pathlib import Path
 
     from .. import checkpoint, data
 
     model_dir = Path(model_dir)
     generator = checkpoint.load_generator(model_dir / "generator.safetensors", device)
-    real = data.load(dataset, "train", data_dir).images.to(device)
+    split = data.load(dataset, "train", data_dir, image_size=image_size)
+    data.check_shape(split, generator.image_shape.as_tuple(), f"the generator in {model_dir}")
+    real = split.images.to(device)
     enc, stats = fit_encoder(generator, real, cfg, progress=progress)
     with torch.no_grad():  # how close E alone gets, on a fixed slice of the training images
         x = real[:512]

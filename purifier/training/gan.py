@@ -40,14 +40,16 @@ from torch import nn
 
 from .. import checkpoint, data
 from . import parts
+from ..errors import DataError
 from ..hardware import summary as hardware
-from ..models import Critic, Generator
+from ..models import gan_pair
 
 
 @dataclass
 class GANTrainConfig:
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist"  # a name or a path: anything purifier.data.load takes
     data_dir: str | None = None
+    image_size: int | None = None   # resize rule of purifier.data (shorter side, centre crop)
     run_dir: str = "runs/gan-fashion-mnist"
     out_dir: str | None = None  # model directory to export the generator to
     iterations: int = 20000     # generator steps
@@ -105,8 +107,8 @@ class WGANGP:
         self.images = images.to(device)                                     # (N, C, H, W) in [0, 1]
         C, H, W = self.images.shape[1:]
         torch.manual_seed(cfg.seed)  # the weights' initialisation
-        self.G = Generator(cfg.latent_dim, C, H, W, cfg.dim).to(device)
-        self.D = Critic(C, H, W, cfg.dim).to(device)
+        G, D = gan_pair(C, H, W, cfg.latent_dim, cfg.dim)  # the family member for this shape
+        self.G, self.D = G.to(device), D.to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema else None
         # capturable: Adam's step count lives on the GPU, so the update needs no host sync.
         kw = dict(capturable=True, foreach=True) if device.type == "cuda" else {}
@@ -279,6 +281,18 @@ def _weights(m: WGANGP) -> list[torch.Tensor]:
 
 # --- a training run: data, resume, checkpoints, samples, snapshots -----------------------------
 
+def training_images(cfg: GANTrainConfig) -> torch.Tensor:
+    """The run's training images, (N, C, H, W) in [0, 1], checked against what the
+    generator family can draw."""
+    split = data.load(cfg.dataset, "train", cfg.data_dir, image_size=cfg.image_size)
+    _, H, W = split.image_shape
+    if H % 4 or W % 4:
+        raise DataError(f"{split.source}: images are {W}x{H} pixels; the generator needs a width and height "
+                        f"divisible by 4 (28, 32, 64 ...): pass --image-size 32 or 64")
+    return split.images
+
+
+
 class Run:
     """One data set's training run and its bookkeeping (files under ``cfg.run_dir``)."""
 
@@ -287,7 +301,7 @@ class Run:
         self.device = torch.device(cfg.device)
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.train_images = data.load(cfg.dataset, "train", cfg.data_dir).images   # (N, C, H, W)
+        self.train_images = training_images(cfg)                                 # (N, C, H, W)
         self.model = WGANGP(cfg, self.train_images, self.device)
         self.it, self.wall = 0, 0.0
         self.history: list[dict] = []
@@ -312,7 +326,12 @@ class Run:
         else:
             return
         self.it, self.wall = int(state["iteration"]), float(state["wall_seconds"])
-        self.model.load_state_dict(state, self.it)
+        try:
+            self.model.load_state_dict(state, self.it)
+        except RuntimeError as exc:  # a size mismatch: the data changed under the run
+            shape = "x".join(map(str, self.train_images.shape[1:]))
+            raise DataError(f"{self.ckpt_dir} holds a generator for other images than {self.cfg.dataset} "
+                            f"({shape}): use another --run-dir, or the data it was trained on") from exc
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"].cpu())
         self.history = json.loads(state["history"])
@@ -335,6 +354,12 @@ class Run:
         G = checkpoint.load_module(model_dir / "generator.safetensors", "generator", self.device)
         D = checkpoint.load_module(model_dir / "critic.safetensors", "critic", self.device)
         m = self.model
+        if G.config != m.G.config or D.config != m.D.config:
+            want = "x".join(map(str, G.image_shape.as_tuple()))
+            have = "x".join(map(str, self.train_images.shape[1:]))
+            raise DataError(f"--warm-start {model_dir}: its generator draws {want} images ({G.config}), "
+                            f"{self.cfg.dataset} has {have} images ({m.G.config}); warm-start from a model "
+                            f"trained on images of this shape, or drop --warm-start")
         m.G.load_state_dict(G.state_dict())
         m.D.load_state_dict(D.state_dict())
         if m.G_ema is not None:
@@ -467,7 +492,7 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
                 cands = {"G": r.model.G, "G_ema": r.model.G_ema}
                 name, selection = sel.choose({k: copy.deepcopy(v) for k, v in cands.items()}, r.cfg.out_dir,
                                              r.cfg.dataset, r.cfg.data_dir, r.cfg.select_images, seed=r.cfg.seed,
-                                             device=r.device)
+                                             device=r.device, image_size=r.cfg.image_size)
                 chosen = cands[name]
             else:
                 chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device,
@@ -547,11 +572,12 @@ def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> No
     checkpoint.save_module(G, out / "generator.safetensors", "generator")
     checkpoint.save_module(D, out / "critic.safetensors", "critic")  # lets --warm-start continue training
     modes = sorted({s.get("mode", "eager") for s in summary["segments"]})
-    checkpoint.update_card(out, dataset=cfg.dataset, generator={
+    checkpoint.update_card(out, dataset=cfg.dataset, **data.card_fields(cfg.image_size), generator={
         "file": "generator.safetensors",
         "architecture": G.config,
         "training": {
-            "command": (f"purifier train-gan --dataset {cfg.dataset} --iterations {summary['iterations']} "
+            "command": (f"purifier train-gan {data.flags(cfg.dataset, cfg.image_size)} "
+                        f"--iterations {summary['iterations']} "
                         f"--batch-size {cfg.batch_size} --n-critic {cfg.n_critic} --ema {cfg.ema} "
                         f"--seed {cfg.seed} --run-dir {cfg.run_dir} --out {cfg.out_dir} --resume"),
             "settings": asdict(cfg),

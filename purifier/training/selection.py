@@ -29,9 +29,10 @@ from .classifier import accuracy
 
 
 def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             seed: int = 0, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` seeded images (and labels) from the last ``holdout`` images of the training split."""
-    train = data.load(dataset, "train", data_dir)
+    train = data.load(dataset, "train", data_dir, image_size=image_size)
+    data.require_labels(train, "selection by transfer")
     x, y = train.images[-holdout:], train.labels[-holdout:]
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
@@ -55,7 +56,7 @@ def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch
 
 def choose(candidates: dict[str, nn.Module], model_dir: str | Path, dataset: str,
            data_dir: str | None = None, n: int = 500, eps: float = 0.3,
-           seed: int = 0, device: str | torch.device = "cpu") -> tuple[str, dict]:
+           seed: int = 0, device: str | torch.device = "cpu", image_size: int | None = None) -> tuple[str, dict]:
     """Score every candidate on the same held-out images and attack; the best name and a report."""
     model_dir = Path(model_dir)
     for f in ("classifier.safetensors", "substitute.safetensors"):
@@ -63,7 +64,7 @@ def choose(candidates: dict[str, nn.Module], model_dir: str | Path, dataset: str
             raise ModelLoadError(f"selection by transfer needs {model_dir / f}")
     classifier = checkpoint.load_module(model_dir / "classifier.safetensors", "classifier", device)
     substitute = checkpoint.load_module(model_dir / "substitute.safetensors", "classifier", device)
-    x, y = (t.to(device) for t in held_out(dataset, data_dir, n, seed=seed))
+    x, y = (t.to(device) for t in held_out(dataset, data_dir, n, seed=seed, image_size=image_size))
     x_adv = attacks.fgsm(substitute, x, y, eps)                       # (n, C, H, W)
     scores = {}
     for name, g in candidates.items():
