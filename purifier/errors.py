@@ -27,6 +27,11 @@ class DeadlineError(PurifierError):
     """The caller's deadline passed, or is too short for the work asked."""
 
 
+class MessageTooLargeError(PurifierError):
+    """A message over the server's size limit (``--max-message-bytes``): a REST body, or an
+    answer the server would send (gRPC refuses a request that large before any handler runs)."""
+
+
 class DownstreamError(PurifierError):
     """The downstream classifier server failed or cannot be reached."""
 

@@ -21,9 +21,10 @@ so under load batches fill without any delay.
 
 The batcher is built whole: it is given the function that computes a batch (normally
 ``Engine.project``) and the executor to run it in. With ``metrics`` it records queue
-depth, queue time, refusals (``rejected{reason}``: queue_full, deadline, shutdown, and
-abandoned: a request of a batch stopped because none of its callers waited), each batch's size and compute time, and (``batch_done``) how
-many requests shared it.
+depth, queue time, refusals (``rejected{reason}``: queue_full, shutdown; deadline and
+cancelled: dropped from the queue before compute, its deadline passed or its caller gone;
+abandoned: a request of a batch stopped because none of its callers waited), each batch's
+size and compute time, and (``batch_done``) how many requests shared it.
 """
 
 from __future__ import annotations
@@ -174,7 +175,10 @@ class Batcher:
         now = time.monotonic()
         live = []
         for it in batch:
-            if it.future.done():  # the caller was cancelled
+            if it.future.done():  # the caller went away, or gRPC ended the call at its deadline
+                # (its timer may fire a little early: 50 ms slack, as status.rpc allows)
+                expired = it.deadline is not None and now >= it.deadline - 0.05
+                self._reject("deadline" if expired else "cancelled")
                 continue
             if it.deadline is not None and now >= it.deadline:
                 self._reject("deadline")

@@ -106,8 +106,10 @@ class Server:
 
         self.v2 = V2(self.plane, self.state, self.metrics)     # the V2 answers, for gRPC and REST alike
         server = self._grpc = grpc.aio.server(options=grpc_options(s.max_message_bytes))
-        purifier_pb2_grpc.add_PurifierServicer_to_server(PurifierServicer(self.plane, self.metrics), server)
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.v2, self.metrics), server)
+        purifier_pb2_grpc.add_PurifierServicer_to_server(
+            PurifierServicer(self.plane, self.metrics, s.max_message_bytes), server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.v2, self.metrics, s.max_message_bytes),
+                                                           server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             server, pool=POOL)

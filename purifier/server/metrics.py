@@ -99,8 +99,8 @@ class Metrics:
         self.queue_depth = Gauge("purifier_queue_depth", "Requests waiting for a projection batch", ["model"],
                                  registry=r)
         self.rejected = Counter("purifier_rejected",
-                                "Requests refused before compute, by reason (queue_full, deadline, shutdown, "
-                                "compute_budget, decode_busy, abandoned) and the model asked for",
+                                "Requests refused before compute, by reason (queue_full, deadline, cancelled, "
+                                "shutdown, compute_budget, decode_busy, abandoned) and the model asked for",
                                 ["reason", "model"], registry=r)
         self.policy_rejected = Counter("purifier_policy_rejected",
                                        "Requests failed by the flagged-input policy (--on-flagged reject), by the "

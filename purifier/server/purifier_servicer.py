@@ -11,9 +11,10 @@ from .status import deadline_of, rpc
 
 
 class PurifierServicer(pb_grpc.PurifierServicer):
-    def __init__(self, plane: DataPlane, metrics=None):
+    def __init__(self, plane: DataPlane, metrics=None, max_message_bytes: int | None = None):
         self.plane = plane
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes   # answers above it: RESOURCE_EXHAUSTED (status.rpc)
 
     @rpc("Purify")
     async def Purify(self, request: pb.PurifyRequest, context) -> pb.PurifyResponse:

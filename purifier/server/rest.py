@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import PurifierError
+from ..errors import MessageTooLargeError, PurifierError
 from . import logs, v2json
 from .status import checked_request_id, code_for, trailing_metadata
 from .v2_servicer import V2
@@ -49,7 +49,7 @@ from .v2_servicer import V2
 log = logging.getLogger("purifier.rest")
 
 # gRPC status -> HTTP status, as Google's API design maps them (the V2 REST spec only asks
-# for 4xx/5xx with a JSON error). 413 is the body limit, checked here.
+# for 4xx/5xx with a JSON error). 413 is the body limit (MessageTooLargeError), checked here.
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -60,10 +60,6 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.INTERNAL: 500,
 }
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def endpoint(method: str):
@@ -83,9 +79,6 @@ def endpoint(method: str):
                 logs.log(log, logging.INFO, f"rest {method} failed: {exc}", method=method, code=code.name)
                 response = JSONResponse({"error": str(exc)}, HTTP_STATUS.get(code, 500),
                                         headers=dict(trailing_metadata(exc)))
-            except _TooLarge as exc:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                response = JSONResponse({"error": str(exc)}, 413)
             except Exception:  # noqa: BLE001 - the traceback goes to the log, never to the client
                 code = grpc.StatusCode.INTERNAL
                 log.exception(f"rest {method}: unexpected error")
@@ -168,13 +161,14 @@ class RestApp:
     async def infer(self, request: Request) -> Response:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _TooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes} "
-                            "(--max-message-bytes)")
+            raise MessageTooLargeError(f"request body of {declared} bytes is over the limit of {self.max_body_bytes} "
+                                       "(--max-message-bytes)")
         body = bytearray()
         async for chunk in request.stream():     # bounded even when no length was declared
             body += chunk
             if len(body) > self.max_body_bytes:
-                raise _TooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (--max-message-bytes)")
+                raise MessageTooLargeError(f"request body is over the limit of {self.max_body_bytes} bytes "
+                                           "(--max-message-bytes)")
         p = request.path_params
         v2_request, wanted, binary_all = v2json.infer_request(p["model"], p.get("version", ""), bytes(body),
                                                               request.headers.get(v2json.HEADER_LENGTH))

@@ -22,6 +22,7 @@ CODES: dict[type[errors.PurifierError], grpc.StatusCode] = {
     errors.ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,  # as Triton answers a model not loaded
     errors.OverloadedError: grpc.StatusCode.UNAVAILABLE,       # as Triton does: retry later
     errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.MessageTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,    # as gRPC answers it
     errors.DownstreamError: grpc.StatusCode.UNAVAILABLE,
     errors.UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -87,9 +88,21 @@ def _request_id(request, context) -> tuple[str, errors.InvalidInputError | None]
     return checked_request_id(rid, f"field {field!r}" if field else "header x-request-id")
 
 
+def check_answer_size(answer, limit: int | None) -> None:
+    """Refuse an answer over ``limit`` bytes here, as RESOURCE_EXHAUSTED with a message that
+    says what to do: gRPC would drop it on the way out and tell the caller the same code, after
+    the RPC had been counted OK (nothing on the server sees that failure)."""
+    if limit is not None and (size := answer.ByteSize()) > limit:
+        raise errors.MessageTooLargeError(f"the answer is {size} bytes, above this server's limit of {limit} "
+                                          "(--max-message-bytes); send fewer images per request")
+
+
 def rpc(method: str):
     """Wrap an async servicer method ``(self, request, context)``; ``self.metrics`` counts it
-    (before the answer leaves, so a scrape right after an RPC already sees it)."""
+    (before the answer leaves, so a scrape right after an RPC already sees it), and an answer
+    over ``self.max_message_bytes`` is refused as RESOURCE_EXHAUSTED (``check_answer_size``).
+    A *request* over that limit never reaches this wrapper: gRPC refuses it before any
+    handler or done-callback runs, so it is not counted here (docs/service.md, Metrics)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -108,6 +121,7 @@ def rpc(method: str):
                 if bad_id is not None:
                     raise bad_id  # before any work
                 response = await fn(self, request, context)
+                check_answer_size(response, getattr(self, "max_message_bytes", None))
                 record(grpc.StatusCode.OK)
                 return response
             except errors.PurifierError as exc:

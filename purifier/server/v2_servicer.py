@@ -200,9 +200,10 @@ class V2:
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: each RPC is ``V2``'s answer with the caller's deadline."""
 
-    def __init__(self, api: V2, metrics=None):
+    def __init__(self, api: V2, metrics=None, max_message_bytes: int | None = None):
         self.api = api
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes   # answers above it: RESOURCE_EXHAUSTED (status.rpc)
 
     @rpc("ServerLive")
     async def ServerLive(self, request, context):

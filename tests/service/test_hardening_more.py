@@ -94,3 +94,124 @@ def test_rest_good_ids_are_echoed_and_the_body_id_wins(live):
     edge = "~ !" * 42 + "ab"                                        # 128 printable characters
     status, headers, _ = call(server, "/v2/health/live", headers={"x-request-id": edge})
     assert status == 200 and headers["x-request-id"] == edge
+
+
+# --- every outcome counted once, with its code -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(aloop, tmp_path_factory):
+    """A server whose messages may be 2 KiB: 16 UINT8 8x8 images (1 KiB) fit in a request,
+    their FP32 purified images (4 KiB) do not fit in the answer."""
+    d = make_model_dir(tmp_path_factory.mktemp("small"))
+    with running(aloop, settings_for(d, max_message_bytes=2048)) as server:
+        clients = Clients(server.port)
+        yield server, clients
+        clients.close()
+
+
+def codes(server, method: str) -> dict[str, float]:
+    text = scrape(server)
+    return {c: metric(text, "purifier_requests_total", method=method, code=c)
+            for c in ("OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "CANCELLED",
+                      "UNAVAILABLE", "INTERNAL")}
+
+
+def changed(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in before if after[k] != before[k]}
+
+
+def uint8_images(n: int):
+    return (images(n) * 255).round().astype("uint8")
+
+
+def test_an_answer_over_the_limit_is_resource_exhausted_and_counted_once(small):
+    server, clients = small
+    before = codes(server, "Purify")
+    with pytest.raises(grpc.RpcError) as e:
+        clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(uint8_images(16))), timeout=60)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-message-bytes" in e.value.details() and "answer" in e.value.details()   # ours, not gRPC's
+    assert changed(before, codes(server, "Purify")) == {"RESOURCE_EXHAUSTED": 1}
+    answer = clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(uint8_images(2))), timeout=60)
+    assert len(answer.purification.reconstruction_error) == 2      # one that fits still goes out
+
+
+def test_a_request_over_the_limit_is_refused_by_grpc_before_any_handler(small):
+    """What gRPC lets a server see of it: nothing. The core answers RESOURCE_EXHAUSTED before a
+    handler, an interceptor's continuation or a done-callback runs, so purifier cannot count it
+    (docs/service.md, Metrics). If a gRPC release starts handing it to the handler, this fails."""
+    server, clients = small
+    before = codes(server, "Purify")
+    with pytest.raises(grpc.RpcError) as e:
+        clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(16))), timeout=60)     # 4 KiB of FP32
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Received message larger than max" in e.value.details()
+    assert changed(before, codes(server, "Purify")) == {}
+    clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(uint8_images(1))), timeout=60)   # still serving
+
+
+def rejected(server, reason: str) -> float:
+    return metric(scrape(server), "purifier_rejected_total", reason=reason)
+
+
+def test_a_deadline_that_passes_in_the_queue_is_counted_once_as_deadline(live):
+    from .conftest import hold_batches
+
+    server, clients = live
+    seen = []
+    gate = hold_batches(server, seen)
+    try:
+        first = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
+        while not seen:                                   # the first batch holds the worker
+            pass
+        before, dropped = codes(server, "Purify"), rejected(server, "deadline")
+        with pytest.raises(grpc.RpcError) as e:
+            clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(2))), timeout=0.3)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        first.result(60)
+        clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)  # after the queue's turn
+        assert len(seen) == 2                             # the expired request never reached compute
+        assert rejected(server, "deadline") == dropped + 1
+        assert changed(before, codes(server, "Purify")) == {"DEADLINE_EXCEEDED": 1, "OK": 2}
+    finally:
+        gate.set()
+        unspy_gate(server)
+
+
+def test_a_cancel_in_the_queue_is_counted_once_as_cancelled(live):
+    import time
+
+    from .conftest import hold_batches
+
+    server, clients = live
+    seen = []
+    gate = hold_batches(server, seen)
+    try:
+        first = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
+        while not seen:
+            pass
+        before, dropped = codes(server, "Purify"), rejected(server, "cancelled")
+        second = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(2))), timeout=60)
+        end = time.monotonic() + 30
+        while server.plane.batcher.depth < 1:            # queued behind the held batch
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        second.cancel()
+        while codes(server, "Purify")["CANCELLED"] == before["CANCELLED"]:   # the server saw the cancel
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        gate.set()
+        first.result(60)
+        clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
+        assert len(seen) == 2
+        assert rejected(server, "cancelled") == dropped + 1
+        assert changed(before, codes(server, "Purify")) == {"CANCELLED": 1, "OK": 2}
+    finally:
+        gate.set()
+        unspy_gate(server)
+
+
+def unspy_gate(server) -> None:
+    """Undo ``hold_batches``: the gated compute wraps the engine's own."""
+    server.plane.batcher.compute = server.plane.engine.project
