@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output directory: results, figures and the resume cache")
     p.add_argument("--n", type=int, default=C.n, help="test images (seeded choice) per cell")
     p.add_argument("--attacks", type=_list(str), default=C.attacks,
-                   help=f"comma-separated, from {','.join(ATTACKS)} (default: all)")
+                   help=f"comma-separated, from {','.join(ATTACKS)} (default: {','.join(C.attacks)})")
     p.add_argument("--eps", type=_list(float), default=C.eps, help="L-inf budgets on [0, 1], comma-separated")
     p.add_argument("--projection", choices=sorted(PROJECTIONS), default=C.projection,
                    help="projection preset (paper: L=200 R=10 SGD; original: paper answering at the last "
@@ -42,6 +42,17 @@ def add_arguments(p) -> None:
     p.add_argument("--adaptive-steps", type=int, default=C.adaptive_steps, help="BPDA+EOT PGD steps")
     p.add_argument("--eot-samples", type=int, default=C.eot_samples,
                    help="independent projections averaged per BPDA gradient")
+    p.add_argument("--lambdas", type=_list(float), default=C.lambdas,
+                   help="bpda-detect: weights of the reconstruction error (in units of the card threshold) "
+                        "against the classifier's margin, comma-separated")
+    p.add_argument("--lambda-eps", type=_list(float), default=(),
+                   help="bpda-detect: eps at which every lambda runs (default: all); elsewhere --lambda-other")
+    p.add_argument("--lambda-other", type=float, default=C.lambda_other)
+    p.add_argument("--detect-kappa", type=float, default=C.detect_kappa,
+                   help="bpda-detect and manifold: logit margin counted as a success")
+    p.add_argument("--manifold-steps", type=int, default=C.manifold_steps,
+                   help="manifold: Adam steps on z per binary-search round on the constant")
+    p.add_argument("--manifold-search-steps", type=int, default=C.manifold_search_steps)
     p.add_argument("--sweep-l", type=_list(int), default=(), help="L values for accuracy vs L, e.g. 10,25,50,100,200")
     p.add_argument("--sweep-r", type=_list(int), default=(), help="R values for accuracy vs R, e.g. 1,2,5,10")
     p.add_argument("--sweep-n", type=int, default=C.sweep_n, help="images per sweep point")
@@ -79,7 +90,10 @@ def config_from_args(args):
         restarts=args.restarts, latent_radius=args.latent_radius, pgd_steps=args.pgd_steps, cw_steps=args.cw_steps,
         cw_search_steps=args.cw_search_steps, transfer_method=args.transfer_method,
         substitute=args.substitute, n_adaptive=args.n_adaptive, adaptive_steps=args.adaptive_steps,
-        eot_samples=args.eot_samples, sweep_l=args.sweep_l, sweep_r=args.sweep_r, sweep_n=args.sweep_n,
+        eot_samples=args.eot_samples, lambdas=args.lambdas, lambda_eps=args.lambda_eps,
+        lambda_other=args.lambda_other, detect_kappa=args.detect_kappa, manifold_steps=args.manifold_steps,
+        manifold_search_steps=args.manifold_search_steps, sweep_l=args.sweep_l, sweep_r=args.sweep_r,
+        sweep_n=args.sweep_n,
         sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, blackbox_holdout=args.blackbox_holdout,
         blackbox_n=args.blackbox_n, blackbox_rounds=args.blackbox_rounds, blackbox_lambda=args.blackbox_lambda,
         blackbox_epochs=args.blackbox_epochs, blackbox_arch=args.blackbox_arch,

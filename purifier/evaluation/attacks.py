@@ -11,6 +11,11 @@ adversarial images in [0, 1] and never changes the model's weights.
 - :class:`BPDAPurifier` + :func:`bpda_eot_pgd`: the adaptive attack on the whole defense
   (Athalye, Carlini & Wagner 2018): forward through the projection, backward as the identity
   (BPDA), the gradient averaged over several independent projections (EOT).
+- :func:`bpda_eot_detect_pgd`: the same attack made detection-aware: it also pushes the
+  reconstruction error under the detector's threshold (weight lambda), so that the adversarial
+  image is misclassified after purification *and* not flagged.
+- :func:`on_manifold`: Athalye et al. 2018's on-manifold attack on Defense-GAN: a G(z) that
+  is misclassified and close to x, submitted as is.
 - :func:`papernot_substitute` + :func:`jacobian_augmentation`: the black-box attacker of
   Papernot et al. 2017 as the original Defense-GAN code runs it (kabkabm/defensegan
   ``blackbox.py`` on cleverhans 2): a substitute trained only on labels queried from the
@@ -23,6 +28,8 @@ these implementations against ART's on the same model (``tests/eval/test_attacks
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -247,3 +254,134 @@ def papernot_substitute(model: nn.Module, oracle, x0: torch.Tensor, y0: torch.Te
                 labels = oracle(new, rnd).to(y.device, torch.int64)          # (N,)
                 x, y = torch.cat([x, new]), torch.cat([y, labels])
     return model.eval(), x, y
+
+
+# --- attacks that also evade the detector (issue 13) ---------------------------------------
+
+def _margin(logits: torch.Tensor, y: torch.Tensor, kappa: float) -> torch.Tensor:
+    """min(max_{j != y} Z_j - Z_y, kappa) (N,): positive when misclassified, capped at kappa so
+    that once an image is wrong by kappa the other terms of the loss take over."""
+    onehot = F.one_hot(y, num_classes=logits.shape[1]).bool()
+    real = logits[onehot]                                                    # (N,)
+    other = logits.masked_fill(onehot, float("-inf")).amax(1)                # (N,)
+    return (other - real).clamp(max=kappa)
+
+
+def bpda_eot_detect_pgd(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        eps: float, cfg: ProjectionConfig, threshold: float, lam: float,
+                        encoder: nn.Module | None = None, steps: int = 40, eot_samples: int = 4,
+                        step_size: float | None = None, kappa: float = 2.0, seed: int | None = None,
+                        select: bool = True) -> torch.Tensor:
+    """Detection-aware BPDA+EOT PGD-Linf: the attacker wants the purified image misclassified
+    *and* the reconstruction error under the detector's ``threshold``.
+
+    Each step ascends, averaged over ``eot_samples`` independent projections P_k = G(z*_k) of x',
+
+        margin(classifier(P_k), y) - lam * ||P_k - x'||^2 / (D * threshold)
+
+    (``margin``: :func:`_margin`, capped at ``kappa``; D pixels, so the second term is the
+    service's reconstruction error in units of its threshold). The margin's gradient goes
+    through the projection as the identity (BPDA); the error's gradient is the exact one with
+    z* held constant, 2 (x' - P_k) / (D * threshold), which is BPDA-consistent: by the
+    envelope theorem it is also the gradient of min_z ||G(z) - x'||^2 at an exact minimiser.
+
+    With ``select`` the attacker returns, per image, the iterate (steps 0..steps) whose EOT
+    draws were most often both misclassified and under the threshold (ties: the later one; so
+    with no such draw anywhere it returns the last iterate, as plain PGD). This uses only the
+    projections the attack ran anyway. Costs (steps + 1) * eot_samples projections per image.
+    """
+    if step_size is None:
+        step_size = 2.5 * eps / max(steps, 1)
+    x = x.detach()
+    B, k, D = x.shape[0], eot_samples, x[0].numel()
+    lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    x_adv = torch.max(torch.min(x + (2 * noise - 1) * eps, hi), lo)
+    best, best_score = x_adv.clone(), torch.full((B,), -1.0, device=x.device)
+    yr = y.repeat(k)                                                         # (k*B,)
+    for t in range(steps + 1):
+        xr = x_adv.repeat(k, 1, 1, 1)                                        # (k*B, C, H, W)
+        pseed = None if seed is None else seed + 1 + t
+        proj = project(generator, xr, cfg.with_(seed=pseed), encoder)
+        purified = proj.images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = classifier(purified)                                    # (k*B, K)
+            (g_margin,) = torch.autograd.grad(_margin(logits, yr, kappa).sum(), purified)
+        with torch.no_grad():
+            evaded = (logits.argmax(1) != yr) & (proj.errors <= threshold)   # (k*B,)
+            score = evaded.float().view(k, B).mean(0)                        # (B,)
+            better = score >= best_score
+            best[better], best_score[better] = x_adv[better], score[better]
+            if t == steps:
+                break
+            grad = g_margin
+            if lam:   # (skipped at lambda 0, so that threshold 0 or inf gives no 0 * inf)
+                grad = grad - lam * 2 * (xr - proj.images) / (D * threshold)  # d err/thr / dx', z* fixed
+            grad = grad.view(k, *x.shape).mean(0)                             # (B, C, H, W)
+            x_adv = torch.max(torch.min(x_adv + step_size * grad.sign(), hi), lo)
+    return (best if select else x_adv).detach()
+
+
+def on_manifold(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                cfg: ProjectionConfig, encoder: nn.Module | None = None, steps: int = 100,
+                search_steps: int = 3, initial_const: float = 1.0, lr: float = 0.05, kappa: float = 2.0,
+                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The on-manifold attack on Defense-GAN of Athalye, Carlini & Wagner 2018 (section 5.4.2):
+    search the latent space for z with G(z) misclassified and close to x,
+
+        min_z ||G(z) - x||^2 + c * max(Z_y - max_{j != y} Z_j + kappa, 0)   (Z: classifier(G(z))),
+
+    and submit G(z) itself: it lies on the generator's range, so the projection finds it again
+    (small reconstruction error, not flagged) and the classifier sees it nearly unchanged.
+
+    z starts at the projection of x (``cfg``, the defense's own search) and stays on its latent
+    sphere when ``cfg.latent_radius`` is set; Adam for ``steps`` per constant, c binary-searched
+    per image over ``search_steps`` rounds (x10 while no success), as :func:`cw_l2`. Returns
+    (G(z) (B, C, H, W), found (B,) bool): the closest G(z) wrong by >= kappa, or, where none
+    was, the last round's G(z) with found False. Not bounded in L-inf.
+    """
+    x = x.detach()
+    B, dev = x.shape[0], x.device
+    z0 = project(generator, x, cfg.with_(seed=seed), encoder).latents.detach()  # (B, D)
+    radius = cfg.latent_radius * math.sqrt(z0.shape[1]) if cfg.latent_radius else None
+    const = torch.full((B,), initial_const, device=dev)
+    lower, upper = torch.zeros(B, device=dev), torch.full((B,), float("inf"), device=dev)
+    best_l2 = torch.full((B,), float("inf"), device=dev)
+    with torch.no_grad():
+        best = generator(z0)
+    last = best
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    for _ in range(search_steps):
+        z = z0.clone()
+        m1, m2 = torch.zeros_like(z), torch.zeros_like(z)
+        succeeded = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(1, steps + 1):
+            z.requires_grad_(True)
+            with torch.enable_grad():
+                img = generator(z)                                           # (B, C, H, W)
+                l2 = (img - x).pow(2).flatten(1).sum(1)                      # (B,)
+                wrong_by = _margin(classifier(img), y, float("inf"))         # (B,)
+                loss = (l2 + const * (kappa - wrong_by).clamp(min=0)).sum()
+                (grad,) = torch.autograd.grad(loss, [z])
+            z = z.detach()
+            with torch.no_grad():
+                ok = wrong_by >= kappa                                       # scored before the step
+                succeeded |= ok
+                better = ok & (l2 < best_l2)
+                best_l2 = torch.where(better, l2, best_l2)
+                best[better] = img[better].detach()
+                m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+                m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                z = z - lr * (m1 / (1 - beta1 ** t)) / ((m2 / (1 - beta2 ** t)).sqrt() + adam_eps)
+                if radius is not None:
+                    z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        with torch.no_grad():
+            last = generator(z)
+            upper = torch.where(succeeded, torch.minimum(upper, const), upper)
+            lower = torch.where(succeeded, lower, torch.maximum(lower, const))
+            const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+    found = torch.isfinite(best_l2)
+    out = torch.where(found.view(B, 1, 1, 1), best, last)
+    return out.clamp(0.0, 1.0).detach(), found

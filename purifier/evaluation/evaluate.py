@@ -49,7 +49,10 @@ from ..projection import PRESETS as PROJECTIONS
 from ..projection import ProjectionConfig, preset, project
 from ..stats import wilson_interval
 
-ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda", "blackbox")
+ATTACKS = ("fgsm", "pgd", "cw", "transfer", "bpda", "blackbox", "bpda-detect", "manifold")
+# The detection-aware attacks (issue 13) run only when asked for: they cost as much as bpda again
+# per lambda.
+DEFAULT_ATTACKS = ATTACKS[:6]
 BLACKBOX_LABELS = ("defended", "true")
 BLACKBOX_BATCH, BLACKBOX_LR = 128, 1e-3   # the original's substitute training (cleverhans' Adam)
 
@@ -62,7 +65,7 @@ class EvalConfig:
     data_dir: str | None = None
     image_size: int | None = None       # resize rule of purifier.data; default: the model card's
     n: int = 1000                       # test images for clean, oblivious and transfer cells
-    attacks: tuple[str, ...] = ATTACKS
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
     eps: tuple[float, ...] = (0.1, 0.2, 0.3)
     projection: str = "paper"           # preset; steps/restarts override its L and R
     steps: int | None = None
@@ -76,6 +79,12 @@ class EvalConfig:
     n_adaptive: int = 100               # images for BPDA+EOT (each step runs the projection)
     adaptive_steps: int = 40
     eot_samples: int = 4
+    lambdas: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)  # bpda-detect: weights of the error term
+    lambda_eps: tuple[float, ...] = ()  # eps where every lambda runs (empty: all); elsewhere lambda_other
+    lambda_other: float = 1.0
+    detect_kappa: float = 2.0           # logit margin at which bpda-detect and manifold count a success
+    manifold_steps: int = 100           # Adam steps on z per binary-search round (manifold)
+    manifold_search_steps: int = 3
     sweep_l: tuple[int, ...] = ()
     sweep_r: tuple[int, ...] = ()
     sweep_n: int = 200
@@ -116,6 +125,12 @@ class EvalConfig:
             problems.append(f"blackbox_arch must be one of A, B, C, D, got {self.blackbox_arch!r}")
         if self.blackbox_labels not in BLACKBOX_LABELS:
             problems.append(f"blackbox_labels must be one of {BLACKBOX_LABELS}, got {self.blackbox_labels!r}")
+        if any(not (v >= 0 and np.isfinite(v)) for v in (*self.lambdas, self.lambda_other)):
+            problems.append("lambdas and lambda_other must be finite numbers >= 0")
+        if "bpda-detect" in self.attacks and not self.lambdas:
+            problems.append("bpda-detect needs at least one lambda")
+        if not self.detect_kappa >= 0 or min(self.manifold_steps, self.manifold_search_steps) < 1:
+            problems.append("detect_kappa must be >= 0, manifold steps and search steps >= 1")
         if self.transfer_method not in ("fgsm", "pgd"):
             problems.append(f"transfer_method must be fgsm or pgd, got {self.transfer_method!r}")
         if self.sweep_attack not in ("fgsm", "pgd"):
@@ -365,7 +380,7 @@ class Evaluation:
 
     # -- the run
 
-    def _cell_name(self, threat: str, attack: str, eps: float | None) -> str:
+    def _cell_name(self, threat: str, attack: str, eps: float | None, lam: float | None = None) -> str:
         """The cache key: everything the cell's adversarial images depend on, beyond the run's
         fingerprint (so changing --pgd-steps, say, computes new cells instead of reusing old ones)."""
         c = self.cfg
@@ -373,6 +388,15 @@ class Evaluation:
             return f"{threat}-cw-s{c.cw_steps}x{c.cw_search_steps}"
         if attack == "bpda":
             return f"{threat}-bpda-eps{eps:g}-s{c.adaptive_steps}-eot{c.eot_samples}-{_proj_tag(self.pcfg)}"
+        if attack == "bpda-detect":
+            if self.bundle.threshold is None:
+                raise ConfigError(f"bpda-detect attacks the detector: {c.model_dir}/card.json has no "
+                                  f"threshold (run `purifier calibrate`) ")
+            return (f"{threat}-bpdadetect-eps{eps:g}-lam{lam:g}-k{c.detect_kappa:g}-s{c.adaptive_steps}-"
+                    f"eot{c.eot_samples}-thr{self.bundle.threshold:.6g}-{_proj_tag(self.pcfg)}")
+        if attack == "manifold":
+            return (f"{threat}-manifold-s{c.manifold_steps}x{c.manifold_search_steps}-k{c.detect_kappa:g}-"
+                    f"{_proj_tag(self.pcfg)}")
         if threat == "blackbox":
             return f"blackbox-{attack}-eps{eps:g}-{self._blackbox_tag()}"
         return f"{threat}-{attack}-eps{eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
@@ -390,7 +414,16 @@ class Evaluation:
             wanted += [("blackbox", "fgsm", e) for e in c.eps]
         n = {"adaptive": min(c.n_adaptive, self.n),
              "blackbox": len(self.blackbox["eval"][1]) if self.blackbox else 0}
-        return [Cell(t, a, e, self._cell_name(t, a, e), n.get(t, self.n)) for t, a, e in wanted]
+        out = [Cell(t, a, e, self._cell_name(t, a, e), n.get(t, self.n)) for t, a, e in wanted]
+        if c.n_adaptive and "bpda-detect" in c.attacks:
+            for e in c.eps:
+                lams = c.lambdas if (not c.lambda_eps or e in c.lambda_eps) else (c.lambda_other,)
+                out += [Cell("adaptive", "bpda-detect", e, self._cell_name("adaptive", "bpda-detect", e, lam),
+                             n["adaptive"], {"lambda": lam}) for lam in lams]
+        if c.n_adaptive and "manifold" in c.attacks:
+            out.append(Cell("adaptive", "manifold", None, self._cell_name("adaptive", "manifold", None),
+                            n["adaptive"]))
+        return out
 
     def _cell_data(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean images (n, C, H, W) and labels (n,) a cell attacks."""
@@ -490,6 +523,22 @@ class Evaluation:
             adv["pred_clean"] = self._predict(self.bundle.classifier, self.blackbox["eval"][0])
             return adv
 
+        if cell.attack == "bpda-detect":
+            def detect(x, y, s):
+                return attacks.bpda_eot_detect_pgd(
+                    self.bundle.classifier, self.bundle.generator, x, y, cell.eps, self.pcfg,
+                    self.bundle.threshold, cell.extra["lambda"], self.bundle.encoder, steps=c.adaptive_steps,
+                    eot_samples=c.eot_samples, kappa=c.detect_kappa,
+                    seed=_derive_seed(c.seed, "bpda-detect", cell.eps, cell.extra["lambda"], s))
+            return self._adversarial(cell.name, cell.n, c.adaptive_batch, detect)
+        if cell.attack == "manifold":
+            def manifold(x, y, s):
+                return attacks.on_manifold(self.bundle.classifier, self.bundle.generator, x, y, self.pcfg,
+                                           self.bundle.encoder, steps=c.manifold_steps,
+                                           search_steps=c.manifold_search_steps, kappa=c.detect_kappa,
+                                           seed=_derive_seed(c.seed, "manifold", s))[0]
+            return self._adversarial(cell.name, cell.n, c.adaptive_batch, manifold)
+
         def bpda(x, y, s):
             return attacks.bpda_eot_pgd(self.bundle.classifier, self.bundle.generator, x, y, cell.eps,
                                         self.pcfg, self.bundle.encoder, steps=c.adaptive_steps,
@@ -561,10 +610,18 @@ class Evaluation:
                 row["transfer_method"] = c.transfer_method
             if cell.threat == "oblivious" and cell.attack == "pgd":
                 pgd_purified_correct[cell.eps] = pur["pred"] == yc
-            if cell.threat == "adaptive":
+            if cell.attack in ("bpda-detect", "manifold"):
+                row.update(self._evasion(cell, adv, pur, x0, yc, threshold))
+            if cell.threat == "adaptive" and cell.attack != "manifold":
                 row["settings"] = {"pgd_steps": c.adaptive_steps, "eot_samples": c.eot_samples,
                                    "projection_in_attack": asdict(self.pcfg) | {"seed": "fresh per step"}}
-                if cell.eps in pgd_purified_correct:  # same images under the oblivious attack
+                if cell.attack == "bpda-detect":
+                    row["settings"] |= {"lambda": cell.extra["lambda"], "kappa": c.detect_kappa,
+                                        "lambda_units": "reconstruction error / card threshold",
+                                        "error_gradient": "exact, z* held constant: 2 (x' - G(z*)) / (D * thr)",
+                                        "select": "per image, the iterate whose EOT draws were most often "
+                                                  "misclassified and under the threshold (ties: later)"}
+                if cell.eps in pgd_purified_correct and cell.attack == "bpda":  # same images under the oblivious attack
                     row["oblivious_pgd_same_images"] = accuracy(pgd_purified_correct[cell.eps][: cell.n])
             row["roc"] = {"fpr": _round(fpr), "tpr": _round(tpr)}
             results["cells"].append(row)
@@ -577,6 +634,34 @@ class Evaluation:
         results["fingerprint"] = self.fingerprint
         results["wall_seconds_this_run"] = time.time() - t_start
         return results, artifacts
+
+    def _evasion(self, cell: Cell, adv: dict, pur: dict, x0: torch.Tensor, yc: torch.Tensor,
+                 threshold: float | None) -> dict:
+        """The detection-aware rows' extra numbers: the error in threshold units, and the share of
+        attacks that succeed (purified prediction wrong) *and* are not flagged, over all n and
+        over the successful ones; for the on-manifold attack, its distance to x too."""
+        if threshold is None:
+            raise ConfigError(f"{cell.attack} needs the detector's threshold: the model card has none "
+                              f"(run `purifier calibrate`)")
+        wrong = pur["pred"] != yc
+        evaded = wrong & (pur["error"] <= threshold)
+        out = {"lambda": cell.extra.get("lambda"),
+               "error_over_threshold": _summary((pur["error"] / threshold).numpy()),
+               "evasion": {"succeeded_and_not_flagged": accuracy(evaded),
+                           "not_flagged_among_succeeded": accuracy(evaded[wrong]) if wrong.any() else None}}
+        if cell.attack == "manifold":
+            c = self.cfg
+            dist = (adv["x"] - x0).flatten(1)
+            linf = dist.abs().amax(1)
+            out["distance"] = {"linf": _summary(linf.numpy()), "l2": _summary(dist.norm(dim=1).numpy())}
+            out["within_eps"] = {f"{e:g}": {"within": accuracy(linf <= e + 1e-6),
+                                            "within_and_evaded": accuracy((linf <= e + 1e-6) & evaded)}
+                                 for e in c.eps}
+            out["settings"] = {"steps": c.manifold_steps, "search_steps": c.manifold_search_steps,
+                               "kappa": c.detect_kappa, "lr": 0.05, "initial_const": 1.0,
+                               "start": "z* of the defense's projection of x (same preset)",
+                               "submitted": "G(z) itself, clipped to [0, 1]"}
+        return out
 
     def _sweeps(self) -> dict:
         c = self.cfg
@@ -628,7 +713,9 @@ def _from_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def _label(row: dict) -> str:
     name = {"oblivious": "", "transfer": "transfer ", "adaptive": "adaptive ", "blackbox": "black-box "}[row["threat"]]
-    name += {"bpda": "BPDA+EOT PGD"}.get(row["attack"], row["attack"].upper())
+    name += {"bpda": "BPDA+EOT PGD", "bpda-detect": "detection-aware BPDA+EOT PGD",
+             "manifold": "on-manifold"}.get(row["attack"], row["attack"].upper())
+    name += f" lambda={row['lambda']:g}" if row.get("lambda") is not None else ""
     return name + (f" eps={row['eps']:g}" if row["eps"] is not None else "")
 
 

@@ -65,14 +65,53 @@ def abstention_table(rows: list[dict]) -> list[str]:
     for r in rows:
         a = r["abstention"]
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
-        lines.append(f"| {THREAT_TITLES[r['threat']]} | {_attack_title(r['attack'])} | {eps} | {r['n']} | "
+        lines.append(f"| {THREAT_TITLES[r['threat']]} | {_row_attack(r)} | {eps} | {r['n']} | "
                      f"{_share(a['rejected'], 'rate')} | {_share(a['accepted_accuracy'], 'accuracy')} | "
                      f"{_share(a['protected_accuracy'], 'accuracy')} |")
     return lines
 
 
 def _attack_title(attack: str) -> str:
-    return {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2"}.get(attack, attack.upper())
+    return {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2",
+            "bpda-detect": "detection-aware BPDA+EOT PGD-Linf", "manifold": "on-manifold G(z)"}.get(
+        attack, attack.upper())
+
+
+def _row_attack(r: dict) -> str:
+    title = _attack_title(r["attack"])
+    return title + (f", lambda={r['lambda']:g}" if r.get("lambda") is not None else "")
+
+
+def evasion_table(rows: list[dict]) -> list[str]:
+    """The detection-aware rows (bpda-detect, manifold): how often the attack both fools the
+    classifier after purification and stays under the detector's threshold."""
+    rows = [r for r in rows if "evasion" in r]
+    if not rows:
+        return []
+    lines = ["", "Attacks that also try to evade the detector: purified accuracy, protected accuracy at the card "
+                 "threshold, and the evasion rate = (purified prediction wrong and not flagged) / n "
+                 "(= 1 - protected accuracy), and the same among the successful attacks; reconstruction "
+                 "error in units of the threshold (median). 95% Wilson intervals.", "",
+             "| attack | eps | n | purified | protected | evaded / n | not flagged among successful | "
+             "error / threshold (median) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = "-" if r["eps"] is None else f"{r['eps']:g}"
+        ev = r["evasion"]
+        among = _acc(ev["not_flagged_among_succeeded"]) + (
+            f" of {ev['not_flagged_among_succeeded']['n']}" if ev["not_flagged_among_succeeded"] else " (none)")
+        prot = _share(r["abstention"]["protected_accuracy"], "accuracy") if "abstention" in r else "-"
+        lines.append(f"| {_row_attack(r)} | {eps} | {r['n']} | {_acc(r['purified'])} | {prot} | "
+                     f"{_acc(ev['succeeded_and_not_flagged'])} | {among} | "
+                     f"{r['error_over_threshold']['median']:.2f} |")
+    for r in rows:
+        if "within_eps" in r:
+            d = r["distance"]
+            lines += ["", f"On-manifold attack: distance of G(z) to x, median L-inf {d['linf']['median']:.3f}, "
+                          f"median L2 {d['l2']['median']:.3f}; within the L-inf ball: "
+                      + "; ".join(f"eps {e}: {_acc(w['within'])} (and evaded: {_acc(w['within_and_evaded'])})"
+                                  for e, w in r["within_eps"].items()) + "."]
+    return lines
 
 
 def markdown_table(results: dict) -> str:
@@ -93,10 +132,11 @@ def markdown_table(results: dict) -> str:
     for r in rows:
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
         auc = f"{r['detection']['auc']:.3f}" if "detection" in r else "-"
-        attack = _attack_title(r["attack"])
+        attack = _row_attack(r)
         lines.append(f"| {THREAT_TITLES[r['threat']]} | {attack} | {eps} | {r['n']} | "
                      f"{_acc(r['undefended'])} | {_acc(r['purified'])} | {auc} |")
     lines += abstention_table(rows)
+    lines += evasion_table(rows)
     blackbox = [r for r in results["cells"] if r["threat"] == "blackbox"]
     if blackbox:
         b = blackbox[0]["protocol"]
@@ -107,7 +147,7 @@ def markdown_table(results: dict) -> str:
                       f"{b['epochs_per_round']} epochs), every new point labelled by the defended model "
                       f"({b['oracle_queries']} queries); FGSM on the substitute, measured on {b['measured_images']}. "
                       f"Substitute accuracy on those clean images: {_acc(blackbox[0]['substitute_clean_accuracy'])}."]
-    adaptive = [r for r in results["cells"] if r["threat"] == "adaptive"]
+    adaptive = [r for r in results["cells"] if r["threat"] == "adaptive" and r["attack"] != "manifold"]
     if adaptive:
         a = adaptive[0]["settings"]
         lines += ["", f"Adaptive: {a['pgd_steps']} PGD steps, gradient averaged over {a['eot_samples']} "
