@@ -75,8 +75,9 @@ def _sync(device: torch.device) -> None:
 # --- speed ---------------------------------------------------------------------------------
 
 def time_config(generator, encoder, images: torch.Tensor, cfg: ProjectionConfig, batch_size: int,
-                repeats: int = 1, warmup: int = 1) -> dict:
-    """Throughput over all ``images`` in batches of ``batch_size`` and the per-batch latency
+                repeats: int = 1, warmup: int = 1, max_seconds: float | None = None) -> dict:
+    """Throughput over all ``images`` in batches of ``batch_size`` (or the batches that start
+    within ``max_seconds``: at least one; a slow configuration needs fewer) and the per-batch latency
     percentiles. ``warmup`` batches first, at the timed shape (not timed: compilation,
     allocator, oneDNN's per-shape kernels); eager configurations warm up on a few steps only,
     since the paper configuration's whole batch of 64 is a minute of CPU that measures nothing."""
@@ -86,21 +87,24 @@ def time_config(generator, encoder, images: torch.Tensor, cfg: ProjectionConfig,
     for i in range(warmup):
         project(generator, images[:batch_size], warm.with_(seed=None), encoder)
     _sync(device)
-    latencies = []
+    latencies, done = [], 0
     t_all = time.perf_counter()
     for _ in range(repeats):
         for s in range(0, n, batch_size):
+            if max_seconds is not None and latencies and time.perf_counter() - t_all >= max_seconds:
+                break
             t0 = time.perf_counter()
             project(generator, images[s: s + batch_size], cfg, encoder)
             _sync(device)
             latencies.append(time.perf_counter() - t0)
+            done += len(images[s: s + batch_size])
     total = time.perf_counter() - t_all
     lat = torch.tensor(latencies, dtype=torch.float64)
 
     def pct(q):
         return round(1e3 * float(torch.quantile(lat, q)), 2)
-    return dict(batch_size=batch_size, images=n * repeats, seconds=round(total, 3),
-                images_per_s=round(n * repeats / total, 3),
+    return dict(batch_size=batch_size, images=done, seconds=round(total, 3),
+                images_per_s=round(done / total, 3),
                 latency_ms=dict(p50=pct(0.5), p90=pct(0.9), p99=pct(0.99), mean=round(1e3 * float(lat.mean()), 2)),
                 calls=len(latencies))
 
@@ -267,6 +271,7 @@ class BenchSettings:
     conditions: tuple[str, ...] = ("clean", "fgsm")
     seed: int = 0                   # which test images, and the projection seeds
     cache_dir: str | None = None
+    speed_seconds: float | None = None  # per (config, batch size): stop starting batches after this
     rounds: int = 1                 # the whole speed sweep this many times (a rerun in the same process)
     # matched quality (issue 15): each accuracy within this much of the reference (or better),
     # and the clean reconstruction error not higher
@@ -287,7 +292,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                   settings=dict(batch_sizes=settings.batch_sizes, speed_images=settings.speed_images,
                                 quality_images=settings.quality_images, quality_batch=settings.quality_batch,
                                 eps=settings.eps, seed=settings.seed, reference=ref_name,
-                                rounds=settings.rounds, threads=torch.get_num_threads(),
+                                rounds=settings.rounds, speed_seconds=settings.speed_seconds, threads=torch.get_num_threads(),
                                 configs={n: asdict(c) for n, c in settings.configs}),
                   speed=[], quality={})
 
@@ -303,7 +308,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                     n_img = len(xs) if bs > 1 else max(1, min(len(xs), 16 if name == ref_name else 64))
                     load_before = os.getloadavg()[0]
                     row = dict(config=name, round=rnd, latent_steps_per_image=round(steps[name], 1),
-                               **time_config(G, E, xs[:n_img], cfg, bs))
+                               **time_config(G, E, xs[:n_img], cfg, bs, max_seconds=settings.speed_seconds))
                     row["load1_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                     result["speed"].append(row)
                     log(f"speed round {rnd} {name} batch {bs}: {row['images_per_s']} images/s, "

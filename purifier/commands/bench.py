@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-sizes", default="1,8,16,32,64",
                    help="comma-separated batch sizes for the speed part: each configuration's best of them "
                         "is compared with the reference's best (best-vs-best), the same-batch ratios beside it")
+    p.add_argument("--speed-seconds", type=float, default=None,
+                   help="per configuration and batch size, start no new batch after this many seconds "
+                        "(at least one batch is timed): the paper configuration needs minutes per 64 images")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole speed sweep this many times in the process; the headline speed-up is "
                         "the lowest over the rounds (a rerun must agree)")
@@ -53,7 +56,7 @@ def run(args) -> int:
         speed_images=args.speed_images, quality_images=args.quality_images,
         quality_batch=args.quality_batch, eps=args.eps,
         conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache,
-        rounds=args.rounds)
+        rounds=args.rounds, speed_seconds=args.speed_seconds)
     bundle = checkpoint.load_bundle(args.model_dir or f"models/{args.dataset}", device,
                                     need_classifier=bool(args.quality_images))
     test = data.load(args.dataset, "test", args.data_dir)

@@ -198,3 +198,17 @@ def test_purify_cached_resumes_from_the_batches_already_done(tiny_model_dir, tmp
     assert torch.equal(again["images"], whole["images"]) and torch.equal(again["errors"], whole["errors"])
     assert not list(tmp_path.glob("*.parts")) and bench.purify_cached(
         bundle.generator, None, x, cfg, 4, key, tmp_path)["cached"]
+
+
+def test_time_config_stops_starting_batches_after_max_seconds(tiny_model_dir):
+    """With a time budget the first batch is always timed, and the count of images is what ran."""
+    from purifier.benchmark.bench import time_config
+
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = parse_config("q=paper:steps=2,restarts=1")[1]
+    one = time_config(bundle.generator, None, x, cfg, 4, max_seconds=0.0)
+    assert one["calls"] == 1 and one["images"] == 4
+    assert one["images_per_s"] > 0
+    every = time_config(bundle.generator, None, x, cfg, 4)
+    assert every["calls"] == 3 and every["images"] == 12
