@@ -136,7 +136,8 @@ class AnyModel(v2_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):
         self.seen.append(request)
-        x = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(tuple(request.inputs[0].shape))
+        dtype = {"FP32": "<f4", "UINT8": "u1"}[request.inputs[0].datatype]
+        x = np.frombuffer(request.raw_input_contents[0], dtype).reshape(tuple(request.inputs[0].shape))
         r = v2_pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         r.outputs.add(name="mean", datatype="FP32", shape=[x.shape[0], 1])
         r.raw_output_contents.append(x.reshape(x.shape[0], -1).mean(1, keepdims=True).astype("<f4").tobytes())
