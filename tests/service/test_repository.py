@@ -158,7 +158,7 @@ def stack(aloop, tmp_path_factory):
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, downstream)
     port = downstream.add_insecure_port("127.0.0.1:0")
     downstream.start()
-    settings = settings_for("", model_config=str(cfg), downstream=f"127.0.0.1:{port}")
+    settings = settings_for("", model_config=str(cfg), downstream=f"127.0.0.1:{port}", http_port=0)
     try:
         with running(aloop, settings) as server:
             clients = Clients(server.port)
@@ -214,6 +214,21 @@ def test_a_broken_model_is_reported_and_the_others_serve(stack):
         assert "model 'broken'" in e.value.details() and "does not exist" in e.value.details()
     assert clients.v2.ModelMetadata(v2_pb.ModelMetadataRequest(name="rgb"), timeout=30).inputs[0].shape[1] == 3
     assert {m.name: m.error is None for m in server.models} == {"grey": True, "rgb": True, "broken": False}
+
+
+def test_rest_reports_the_broken_model_and_serves_the_others(stack):
+    from .test_rest import call
+
+    _, server, _ = stack
+    assert call(server, "/v2/models/rgb/ready")[0] == 200
+    assert call(server, "/v2/models/broken/ready")[0] == 400
+    x = grey_images(1)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    status, _, answer = call(server, "/v2/models/broken/infer", body)
+    assert status == 503 and "model 'broken'" in json.loads(answer)["error"]
+    body["parameters"] = {"purifier_model": "grey"}
+    status, _, answer = call(server, "/v2/models/purifier/infer", body)
+    assert status == 200 and json.loads(answer)["parameters"]["purifier_model"] == "grey"
 
 
 def test_purifier_v1_and_v2_purifier_name_the_model(stack):

@@ -42,7 +42,7 @@ def test_every_flag_has_an_environment_variable():
 
     add_serve_arguments(p)
     text = p.format_help()
-    for flag in ("--model-dir", "--host", "--grpc-port", "--http-port", "--metrics-port", "--downstream",
+    for flag in ("--model-dir", "--model-config", "--model", "--host", "--grpc-port", "--http-port", "--metrics-port", "--downstream",
                  "--model-name", "--device", "--threads", "--max-batch-size", "--max-queue-delay-ms",
                  "--max-queue-size", "--max-steps", "--max-restarts", "--projection", "--max-message-bytes",
                  "--tls-cert", "--tls-key", "--tls-client-ca", "--grace-seconds", "--log-level"):
