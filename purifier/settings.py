@@ -42,9 +42,9 @@ SPEC_KEYS = ("dir", "projection", "threshold", "on_flagged", "downstream_name")
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of ``purifier serve``'s repository: the generator (and encoder, card) in
-    ``model_dir`` purifies every request that names ``name``. Unset settings take the
-    server's flags (--projection, --threshold, --on-flagged); the threshold falls back to the
-    model card's."""
+    ``model_dir`` purifies every request that names ``name``. Unset ``projection`` and
+    ``on_flagged`` take the server's flags; an unset ``threshold`` is the model card's (the
+    --threshold flag belongs to the --model-dir model alone: a threshold fits one generator)."""
     name: str
     model_dir: str
     projection: str | None = None
@@ -165,7 +165,12 @@ class ServeSettings:
             # model_dir stays "" when the config names another default (dataclasses.replace works)
             if not self.model_dir:
                 object.__setattr__(self, "model_dir", default_model_dir())
-            object.__setattr__(self, "models", (ModelSpec(DEFAULT_ENTRY, self.model_dir), *self.models))
+            object.__setattr__(self, "models", (ModelSpec(DEFAULT_ENTRY, self.model_dir, threshold=self.threshold),
+                                                *self.models))
+        elif self.threshold is not None:
+            problems.append(f"--threshold {self.threshold}: it sets the --model-dir model's threshold, and the default "
+                            f"model here is {self.default_model!r} of the repository; give each model its "
+                            "\"threshold\" in --model-config")
         if self.downstream.lower() == "none":
             object.__setattr__(self, "downstream", "")
         for name in ("grpc_port", "http_port"):
@@ -323,7 +328,7 @@ _SERVE_FLAGS = [
     ("--on-flagged", str, "what an image flagged adversarial does: forward (purify, forward, flag it in "
                           "the answer) or reject (the whole request fails with FAILED_PRECONDITION; "
                           "nothing is forwarded). Requests may ask only for a stricter policy", []),
-    ("--threshold", float, "detection threshold on the reconstruction error, overriding the model "
+    ("--threshold", float, "detection threshold on the reconstruction error of the --model-dir model, overriding its "
                          "card's (see `purifier calibrate --target-fpr`)", []),
 ]
 

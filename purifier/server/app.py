@@ -176,10 +176,9 @@ class Server:
         limits = Limits(s.max_batch_size, s.max_steps, s.max_restarts, s.max_compute)
         served_models = []
         for spec in s.models:
-            threshold = spec.threshold if spec.threshold is not None else s.threshold
-            served = await loop.run_in_executor(
+            served = await loop.run_in_executor(          # spec.threshold None: the card's
                 self._executor, ServedModel.load, spec.name, spec.model_dir, device, spec.projection or s.projection,
-                limits, s.cuda_graphs, spec.on_flagged or s.on_flagged, threshold, spec.downstream_name)
+                limits, s.cuda_graphs, spec.on_flagged or s.on_flagged, spec.threshold, spec.downstream_name)
             served.metrics = self.metrics.for_model(spec.name)
             if served.loaded:
                 served.batcher = Batcher(served.engine.project, self._executor, max_batch_size=s.max_batch_size,

@@ -105,6 +105,15 @@ def test_bad_model_flag_missing_file_and_two_defaults(tmp_path):
         ServeSettings(model_config=str(cfg), model_dir="/x")
 
 
+def test_threshold_flag_is_the_model_dir_models_alone(tmp_path):
+    s = ServeSettings(model_dir="/x/d", threshold=0.1, model=("a=/x/a",))
+    assert {m.name: m.threshold for m in s.models} == {"default": 0.1, "a": None}    # a: its card's
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps({"default": "a", "models": {"a": "a"}}))
+    with pytest.raises(ConfigError, match="give each model its \"threshold\""):
+        ServeSettings(model_config=str(cfg), threshold=0.1)
+
+
 def test_repository_lookup():
     a, b = ServedModel("a", "/a"), ServedModel("b", "/b")
     repo = Repository([a, b], "a")
