@@ -3,6 +3,7 @@ NPY/NPZ arrays and IDX files give the same tensors; bad data gives one-line erro
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -212,3 +213,29 @@ def test_check_shape_names_channels_and_the_fix():
         data.check_shape(split, (1, 28, 28))
     with pytest.raises(DataError, match="pass --image-size 64"):
         data.check_shape(split, (3, 64, 64))
+
+
+def test_classifier_and_calibration_from_folders(tmp_path, tiny_model_dir, capsys):
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):  # two classes, 8x8 gray: the tiny model's shape
+        png(tmp_path / "labelled" / ("ant" if i % 2 else "bee") / f"{i}.png",
+            torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8, generator=g))
+    out = tmp_path / "m"
+    assert cli.main(["train-classifier", "--data", str(tmp_path / "labelled"), "--arch", "D", "--epochs", "1",
+                     "--out", str(out), "--no-progress"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["dataset"] == str(tmp_path / "labelled") and card["classifier"]["classes"] == ["ant", "bee"]
+    assert card["classifier"]["architecture"]["num_classes"] == 2
+    assert card["classifier"]["metrics"]["test_images"] == 2 and "held out" in card["classifier"]["metrics"]["test_from"]
+    assert f"--data {tmp_path / 'labelled'}" in card["classifier"]["training"]["command"]
+    # calibrate needs no labels: a flat folder, resized to the model's 8x8 by --image-size
+    for i in range(12):
+        png(tmp_path / "flat" / f"{i}.png", torch.randint(0, 256, (1, 12, 16), dtype=torch.uint8, generator=g))
+    argv = ["calibrate", str(tiny_model_dir), "--data", str(tmp_path / "flat"), "--n", "6", "--heldout-n", "6",
+            "--steps", "2", "--restarts", "1", "--no-progress"]
+    assert cli.main(argv + ["--image-size", "8"]) == 0
+    card = json.loads((tiny_model_dir / "card.json").read_text())
+    assert card["detection"]["data"]["image_size"] == 8 and card["detection"]["n"] == 6
+    capsys.readouterr()
+    line = one_line_error(argv, capsys)                      # 12x16 images for an 8x8 model
+    assert "images are 1x12x16, the generator in" in line and "resize" in line

@@ -165,3 +165,14 @@ def test_wrong_shape_for_a_model_is_one_line(tmp_path, capsys, tiny_model_dir):
     train(GANTrainConfig(dataset=str(folder), **base), progress=False)
     with pytest.raises(DataError, match=r"checkpoint holds a generator for other images than .*big \(3x16x16\)"):
         train(GANTrainConfig(dataset=str(other), **{**base, "iterations": 2}), resume=True, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 64, 64)])
+def test_captured_step_matches_eager_for_the_family(shape):
+    """The graph-captured WGAN-GP step at the new shapes replays what the eager step does."""
+    from purifier.training.gan import check_graph
+
+    cfg = GANTrainConfig(batch_size=4, n_critic=2, dim=8, device="cuda")
+    assert check_graph(cfg, torch.rand(16, *shape), torch.device("cuda"), iterations=3)["ok"]
