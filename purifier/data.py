@@ -144,7 +144,7 @@ def load(spec: str | os.PathLike, split: str = "train", data_dir: str | os.PathL
         raise DataError(f"{path} does not exist; give mnist, fashion-mnist, a folder of images, "
                         f"a .npy/.npz file or an IDX images file")
     if path.is_dir():
-        if _find(str(path), _FILES[split][0], [path]) is not None:
+        if any(_find(str(path), stem, [path]) is not None for stems in _FILES.values() for stem in stems):
             return _load_idx_pair(path, split, image_size)
         return _load_folder(path, split, image_size)
     if path.suffix.lower() in (".npy", ".npz"):
@@ -234,6 +234,8 @@ def _load_idx_pair(folder: Path, split: str, image_size: int | None) -> Split:
     img_stem, lbl_stem = _FILES[split]
     img_path = _find(str(folder), img_stem, [folder])
     lbl_path = _find(str(folder), lbl_stem, [folder])
+    if img_path is None:
+        raise DataError(f"{folder} holds IDX files but not the {split} images ({img_stem}[.gz/.xz])")
     return _idx_split(img_path, lbl_path, image_size)
 
 

@@ -239,3 +239,9 @@ def test_classifier_and_calibration_from_folders(tmp_path, tiny_model_dir, capsy
     capsys.readouterr()
     line = one_line_error(argv, capsys)                      # 12x16 images for an 8x8 model
     assert "images are 1x12x16, the generator in" in line and "resize" in line
+
+
+def test_an_idx_folder_without_the_test_files_says_so(idx_slice):
+    d, _, _ = idx_slice
+    with pytest.raises(DataError, match=r"holds IDX files but not the test images \(t10k-images-idx3-ubyte"):
+        data.load(d, "test")
