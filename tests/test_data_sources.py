@@ -245,3 +245,19 @@ def test_an_idx_folder_without_the_test_files_says_so(idx_slice):
     d, _, _ = idx_slice
     with pytest.raises(DataError, match=r"holds IDX files but not the test images \(t10k-images-idx3-ubyte"):
         data.load(d, "test")
+
+
+def test_eval_takes_data_and_refuses_unlabelled_or_misshapen(tmp_path, tiny_model_dir, capsys):
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", x=g.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8), y=np.arange(6) % 10)
+    argv = ["eval", str(tiny_model_dir), "--out", str(tmp_path / "e"), "--n", "4", "--attacks", "fgsm", "--eps",
+            "0.1", "--steps", "2", "--restarts", "1", "--device", "cpu", "--no-progress", "--data"]
+    assert cli.main(argv + [str(tmp_path / "test.npz")]) == 0
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved["settings"]["dataset"] == str(tmp_path / "test.npz") and saved["cells"][0]["attack"] == "fgsm"
+    capsys.readouterr()
+    np.save(tmp_path / "unlabelled.npy", g.integers(0, 256, (6, 8, 8), dtype=np.uint8))
+    assert "has no labels" in one_line_error(argv + [str(tmp_path / "unlabelled.npy")], capsys)
+    np.savez(tmp_path / "rgb.npz", x=g.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), y=np.arange(6))
+    line = one_line_error(argv + [str(tmp_path / "rgb.npz")], capsys)
+    assert "images are 3x8x8, the generator in" in line and "expects 1x8x8" in line
