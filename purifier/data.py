@@ -424,6 +424,16 @@ def _load_arrays(path: Path, split: str, image_size: int | None) -> Split:
     return Split(_to_float(_fit(images, image_size)), labels, str(path), whole=whole)
 
 
+def last(split: Split, n: int) -> Split:
+    """The last ``n`` examples: the held-out slice of the training split that ``calibrate``
+    and export selection use. A class-folder listing is sorted by class, so its last ``n``
+    would be the last classes only; there the slice is the last ``n`` of a fixed shuffle."""
+    if split.classes is None:
+        return Split(split.images[-n:], split.labels[-n:], split.source, split.classes, split.whole)
+    idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[-n:]
+    return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
+
+
 def subset(split: Split, n: int | None, seed: int = 0) -> Split:
     """A seeded random choice of ``n`` examples (all when n is None or too large)."""
     if n is None or n >= len(split.labels):

@@ -261,3 +261,14 @@ def test_eval_takes_data_and_refuses_unlabelled_or_misshapen(tmp_path, tiny_mode
     np.savez(tmp_path / "rgb.npz", x=g.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), y=np.arange(6))
     line = one_line_error(argv + [str(tmp_path / "rgb.npz")], capsys)
     assert "images are 3x8x8, the generator in" in line and "expects 1x8x8" in line
+
+
+def test_the_held_out_slice_of_a_class_folder_spans_the_classes(tmp_path):
+    for i in range(40):
+        png(tmp_path / "f" / f"c{i % 4}" / f"{i:02d}.png", torch.full((1, 4, 4), i, dtype=torch.uint8))
+    split = data.load(tmp_path / "f")
+    assert split.labels[-10:].tolist() == [3] * 10              # ImageFolder order: by class
+    held = data.last(split, 10)
+    assert len(set(held.labels.tolist())) > 1 and torch.equal(held.images, data.last(split, 10).images)
+    flat = data.Split(split.images, torch.full((40,), -1), "x")
+    assert torch.equal(data.last(flat, 10).images, split.images[-10:])   # file order: the last ones

@@ -66,7 +66,7 @@ def run(args) -> int:
                  restarts=args.restarts, latent_radius=args.latent_radius)
     train = data.load(dataset, "train", args.data_dir, image_size=image_size)
     data.check_shape(train, bundle.image_shape, f"the generator in {args.model_dir}")
-    held = train.images[-args.holdout:]
+    held = data.last(train, args.holdout).images
     # One seeded order of the slice: the first N choose the threshold (the images data.subset
     # would pick), the next HELDOUT_N, disjoint from them, measure it.
     order = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))
@@ -74,7 +74,8 @@ def run(args) -> int:
     section = detection.calibrate(bundle.generator, val.to(device), cfg.with_(seed=args.seed),
                                   args.target_fpr, bundle.encoder, args.batch_size, not args.no_progress,
                                   heldout=rest.to(device))
-    section["data"] = {"dataset": dataset, "split": "train", "slice": f"last {args.holdout}",
+    section["data"] = {"dataset": dataset, "split": "train",
+                       "slice": f"last {args.holdout}" + (" of a fixed shuffle" if train.classes else ""),
                        "seed": args.seed, "source": train.source, "heldout_n": len(rest),
                        **data.card_fields(image_size)}
     print(json.dumps(section, indent=2))

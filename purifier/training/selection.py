@@ -33,7 +33,8 @@ def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
     """``n`` seeded images (and labels) from the last ``holdout`` images of the training split."""
     train = data.load(dataset, "train", data_dir, image_size=image_size)
     data.require_labels(train, "selection by transfer")
-    x, y = train.images[-holdout:], train.labels[-holdout:]
+    held = data.last(train, holdout)  # (a class-sorted folder: of a fixed shuffle)
+    x, y = held.images, held.labels
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
 
