@@ -67,8 +67,8 @@ class DataPlane:
         self.metrics = metrics
         self.default_model = default_model     # the downstream model Classify calls when none is named
         self._specs: dict[tuple[str, str], v2.InputSpec] = {}
-        if decoder is None:
-            engine = models.default.engine
+        if decoder is None:      # each request decodes at its own model's shape; this is the pool's default
+            engine = next(m.engine for m in models if m.loaded)
             decoder = codec.DecodePool(engine.image_shape, codec.DecodeLimits(max_images=engine.limits.max_batch_size))
         self.decoder = decoder
 
