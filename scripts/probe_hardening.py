@@ -10,6 +10,9 @@
 3. SIGTERM (--grace-seconds 5) one second into such a request: time to process exit; and
    the same with no request running (the process's own exit cost).
 
+``--only abandon --repeat 5`` runs probe 2 alone, five times (the machine's load average is
+recorded before and after each probe: on a shared CPU it decides every latency here).
+
 Prints one JSON object. Needs nothing but the venv and a model directory.
 """
 
@@ -142,21 +145,30 @@ def probe_big_pngs(server: ServerProcess) -> dict:
                 rss_after_mb=round(rss_mb(server.proc.pid), 1))
 
 
-def probe_abandon(server: ServerProcess) -> dict:
-    out = {"first_1_image_s": round(one_image_latency(server), 3),      # a first request's own cost
-           "baseline_1_image_s": round(one_image_latency(server), 3)}
-    start = time.perf_counter()
-    try:
-        server.v1.Purify(at_caps(), timeout=2)
-        out["deadline_code"] = "OK"
-    except grpc.RpcError as e:
-        out["deadline_code"] = e.code().name
-    out["deadline_returned_s"] = round(time.perf_counter() - start, 3)
-    out["after_deadline_1_image_s"] = round(one_image_latency(server), 3)
-    call = server.v1.Purify.future(at_caps(), timeout=120)
-    time.sleep(1)
-    call.cancel()
-    out["after_cancel_1_image_s"] = round(one_image_latency(server), 3)
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def probe_abandon(server: ServerProcess, repeat: int = 1) -> dict:
+    out = {"load_before": load(),
+           "first_1_image_s": round(one_image_latency(server), 3),      # a first request's own cost
+           "baseline_1_image_s": [], "deadline_code": [], "deadline_returned_s": [],
+           "after_deadline_1_image_s": [], "after_cancel_1_image_s": []}
+    for _ in range(repeat):
+        out["baseline_1_image_s"].append(round(one_image_latency(server), 3))
+        start = time.perf_counter()
+        try:
+            server.v1.Purify(at_caps(), timeout=2)
+            out["deadline_code"].append("OK")
+        except grpc.RpcError as e:
+            out["deadline_code"].append(e.code().name)
+        out["deadline_returned_s"].append(round(time.perf_counter() - start, 3))
+        out["after_deadline_1_image_s"].append(round(one_image_latency(server), 3))
+        call = server.v1.Purify.future(at_caps(), timeout=120)
+        time.sleep(1)
+        call.cancel()
+        out["after_cancel_1_image_s"].append(round(one_image_latency(server), 3))
+    out["load_after"] = load()
     return out
 
 
@@ -182,16 +194,23 @@ def probe_sigterm(model_dir: str, busy: bool = True) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=str(ROOT / "models" / "fashion-mnist"))
+    p.add_argument("--only", choices=["big_pngs", "abandon", "sigterm"], help="run one probe")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the abandon probe")
     args = p.parse_args()
-    result = {"cpu_count": os.cpu_count()}
-    server = ServerProcess(args.model_dir, max_compute=64 * 1000 * 20, **CAPS)
-    try:
-        result["big_pngs"] = probe_big_pngs(server)
-        result["abandon"] = probe_abandon(server)
-    finally:
-        server.close()
-    result["sigterm_idle"] = probe_sigterm(args.model_dir, busy=False)  # exit cost alone, for comparison
-    result["sigterm"] = probe_sigterm(args.model_dir)
+    result = {"cpu_count": os.cpu_count(), "load_start": load()}
+    if args.only in (None, "big_pngs", "abandon"):
+        server = ServerProcess(args.model_dir, max_compute=64 * 1000 * 20, **CAPS)
+        try:
+            if args.only in (None, "big_pngs"):
+                result["big_pngs"] = probe_big_pngs(server)
+            if args.only in (None, "abandon"):
+                result["abandon"] = probe_abandon(server, args.repeat)
+        finally:
+            server.close()
+    if args.only in (None, "sigterm"):
+        result["sigterm_idle"] = probe_sigterm(args.model_dir, busy=False)  # exit cost alone, for comparison
+        result["sigterm"] = probe_sigterm(args.model_dir)
+    result["load_end"] = load()
     print(json.dumps(result, indent=1))
     return 0
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 HELP = ("serve purification over gRPC: purifier.v1 and the Open Inference Protocol (KServe V2), "
         "forwarding to a downstream classifier")
 
@@ -11,6 +13,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    # Before torch loads, as OpenMP reads it once: torch's idle pool threads sleep instead of
+    # spinning. On a CPU shared with other work a spinning thread holds a core its partner
+    # needs, and every parallel region waits for the descheduled one: on this 2-core machine at
+    # load 9, one 1-image request took 2-25 s with spinning and 0.5 s without (1 thread: 0.6 s;
+    # docs/service.md, Hardening). OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..server import serve
     from ..settings import kserve_ignored, serve_settings
 

@@ -243,6 +243,7 @@ class StepGate:
             out = self.real(x, cfg, should_stop=gated)
         except Abandoned:
             self.outcomes.append("abandoned")
+            self.stopped_after = self.asked   # asks before it stopped (later batches ask too)
             raise
         self.outcomes.append("finished")
         return out
@@ -270,7 +271,7 @@ def test_cancelled_request_stops_its_projection(shared):
             call.result()
         assert_still_serving(clients)      # runs after the abandoned batch: the worker is free
         assert gate.outcomes[0] == "abandoned"
-        assert gate.asked < 200            # stopped between steps, long before its 200th
+        assert gate.stopped_after < 200    # stopped at a check, long before its 200th step
         assert metric(scrape(server), "purifier_rejected_total", reason="abandoned") == abandoned + 1
     finally:
         gate.restore()
@@ -289,7 +290,7 @@ def test_request_past_its_deadline_stops_its_projection(shared):
         assert gate.reached.is_set()
         gate.release.set()
         assert_still_serving(clients)
-        assert gate.outcomes[0] == "abandoned" and gate.asked < 200
+        assert gate.outcomes[0] == "abandoned" and gate.stopped_after < 200
         # counted once, as what it was
         assert metric(scrape(server), "purifier_requests_total", method="Purify",
                       code="DEADLINE_EXCEEDED") == codes["DEADLINE_EXCEEDED"] + 1
@@ -307,7 +308,7 @@ def test_stop_abandons_a_running_batch(aloop, tiny_model_dir):
         call = clients.purifier.Purify.future(long_request(), timeout=60)
         assert gate.reached.wait(30)
         aloop.run(server.stop(grace=0), timeout=30)   # would wait out all 200 steps without the check
-        assert gate.outcomes == ["abandoned"] and gate.asked < 200
+        assert gate.outcomes == ["abandoned"] and gate.stopped_after < 200
         with pytest.raises(grpc.RpcError):
             call.result()
         clients.close()

@@ -215,3 +215,67 @@ def test_a_cancel_in_the_queue_is_counted_once_as_cancelled(live):
 def unspy_gate(server) -> None:
     """Undo ``hold_batches``: the gated compute wraps the engine's own."""
     server.plane.batcher.compute = server.plane.engine.project
+
+
+# --- abandonment inside a step -----------------------------------------------------------------
+
+def test_an_eager_step_is_abandoned_at_a_layer_not_only_between_steps(tiny_model_dir):
+    import torch
+
+    from purifier.engine import Engine
+    from purifier.projection import Abandoned
+
+    engine = Engine.load(tiny_model_dir, "cpu", "fast")
+    generator = engine.bundle.generator
+    asked = []
+
+    def stop_at_the_first_layer():
+        asked.append(1)
+        return len(asked) > 2      # 1: before the lock's wait; 2: before step 0; 3: inside step 0
+
+    x = torch.full((2, *engine.image_shape), 0.5)
+    with pytest.raises(Abandoned, match="inside a step"):
+        engine.project(x, engine.config(steps=1, restarts=2), should_stop=stop_at_the_first_layer)
+    assert len(asked) == 3
+    assert not generator._forward_hooks                                 # the hooks lived for that call only
+    images, errors = engine.project(x, engine.config(steps=3, restarts=2), should_stop=lambda: False)
+    assert images.shape == (2, *engine.image_shape) and not generator._forward_hooks
+    # backward is asked too: stop once the forward's checks (one per weighted layer) are past
+    layers = sum(1 for m in generator.modules() if next(m.parameters(recurse=False), None) is not None)
+    asked.clear()
+    with pytest.raises(Abandoned):
+        engine.project(x, engine.config(steps=1, restarts=2),
+                       should_stop=lambda: asked.append(1) or len(asked) > 2 + layers)
+    assert len(asked) == 3 + layers
+
+
+SERVE_PROBE = """
+import os, sys, types
+seen = {}
+fake = types.ModuleType("purifier.server")
+def serve(settings):
+    seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+    seen["torch_loaded"] = "torch" in sys.modules
+    return 0
+fake.serve = serve
+sys.modules["purifier.server"] = fake
+from purifier import cli
+assert cli.main(["serve", "--model-dir", sys.argv[1], "--downstream", "none"]) == 0
+print(seen["policy"], seen["torch_loaded"])
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_serve_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path, preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    d = make_model_dir(tmp_path)
+    out = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(d)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, "False"]        # set while torch was not yet imported
