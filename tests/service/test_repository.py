@@ -274,6 +274,40 @@ def test_metrics_are_labelled_by_the_model_that_purified(stack):
     assert metric(text, "purifier_requests_total", method="ModelInfer", code="OK", model="other") == 1
 
 
+def test_policy_and_warm_up_failures_are_the_models_own(aloop, tmp_path, monkeypatch):
+    from purifier.engine import Engine
+
+    grey = make_model_dir(tmp_path)
+    (tmp_path / "b").mkdir()
+    no_threshold = make_model_dir(tmp_path / "b", threshold=None)
+    (tmp_path / "c").mkdir()
+    flaky = make_model_dir(tmp_path / "c")
+    real = Engine.warm_up
+
+    def warm_up(self):
+        if self.bundle.path == flaky:
+            raise RuntimeError("graph capture failed")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "warm_up", warm_up)
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps({"default": "grey", "models": {
+        "grey": str(grey), "strict": {"dir": str(no_threshold), "on_flagged": "reject"}, "flaky": str(flaky)}}))
+    with running(aloop, settings_for("", model_config=str(cfg))) as server:
+        errors = {m.name: m.error for m in server.models}
+        assert errors["grey"] is None and "needs a detection threshold" in errors["strict"]
+        assert "RuntimeError: graph capture failed" in errors["flaky"]
+        clients = Clients(server.port)
+        assert clients.v2.ServerReady(v2_pb.ServerReadyRequest(), timeout=30).ready
+        for name in ("strict", "flaky"):
+            with pytest.raises(grpc.RpcError) as e:
+                clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(grey_images(1)), model=name), timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and f"model {name!r}" in e.value.details()
+        assert clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(grey_images(1))), timeout=60).purification.model \
+            == "grey"
+        clients.close()
+
+
 def test_no_model_loads_fails_the_start(aloop, tmp_path):
     from purifier.server import Server
 
