@@ -143,6 +143,7 @@ class Server:
             try:
                 await loop.run_in_executor(self._executor, served.engine.warm_up)
                 served.warm = True
+                served.metrics.ready.set(1)
             except Exception as exc:  # noqa: BLE001 - one model's failure is its own
                 if len(self.models) == 1:
                     raise
@@ -180,6 +181,7 @@ class Server:
                 self._executor, ServedModel.load, spec.name, spec.model_dir, device, spec.projection or s.projection,
                 limits, s.cuda_graphs, spec.on_flagged or s.on_flagged, spec.threshold, spec.downstream_name)
             served.metrics = self.metrics.for_model(spec.name)
+            served.metrics.ready.set(0)
             if served.loaded:
                 served.batcher = Batcher(served.engine.project, self._executor, max_batch_size=s.max_batch_size,
                                          max_queue_delay_s=s.max_queue_delay_ms / 1000.0,

@@ -106,6 +106,10 @@ class Metrics:
                                        "Requests failed by the flagged-input policy (--on-flagged reject), by the "
                                        "model they were for and reason (flagged: an image above the threshold)",
                                        ["model", "reason"], registry=r)
+        self.model_ready = Gauge("purifier_model_ready",
+                                 "1 when the repository model has loaded and run its warm-up batch; 0 while it "
+                                 "loads, or after it failed to load or warm up (the log says why)",
+                                 ["model"], registry=r)
         self.downstream_retries = Counter("purifier_downstream_retries",
                                           "Downstream calls retried after UNAVAILABLE", registry=r)
 
@@ -181,6 +185,7 @@ class ModelMetrics:
         self.queue_depth = metrics.queue_depth.labels(model)
         self.rejected = _Reasons(metrics.rejected, model)
         self.policy_rejected = metrics.policy_rejected
+        self.ready = metrics.model_ready.labels(model)
 
     def batch_done(self, requests: int, images: int, seconds: float) -> None:
         self.shared.batch_done(requests, images, seconds)

@@ -16,7 +16,7 @@ from .test_rpcs import metric, scrape
 
 # Metrics measured in something other than seconds or bytes, and what they count.
 UNITLESS = {"purifier_batch_size": "images per batch", "purifier_reconstruction_error": "a mean squared error",
-            "purifier_queue_depth": "requests"}
+            "purifier_queue_depth": "requests", "purifier_model_ready": "1 or 0, as Prometheus' own up"}
 
 
 @pytest.mark.integration

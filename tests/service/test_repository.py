@@ -272,6 +272,8 @@ def test_metrics_are_labelled_by_the_model_that_purified(stack):
     assert metric(text, "purifier_images_total", model="grey") == before["grey"] + 1
     assert metric(text, "purifier_batch_size_count", model="rgb") >= 1
     assert metric(text, "purifier_requests_total", method="ModelInfer", code="OK", model="other") == 1
+    assert [metric(text, "purifier_model_ready", model=m) for m in ("grey", "rgb", "broken")] == [1, 1, 0]
+    assert 'purifier_model_ready{model="broken"} 0.0' in text          # present, so an alert can see it
 
 
 def test_policy_and_warm_up_failures_are_the_models_own(aloop, tmp_path, monkeypatch):
