@@ -193,9 +193,12 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
 
 
 def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, batch_size: int,
-                  key: dict, cache_dir: str | os.PathLike | None, seed: int = 0) -> dict:
+                  key: dict, cache_dir: str | os.PathLike | None, seed: int = 0,
+                  done_only: bool = False) -> dict:
     """Purify ``x`` with ``cfg`` (seeded per batch: ``seed + batch index``), or load the
-    result from ``cache_dir`` when the same key was computed before."""
+    result from ``cache_dir`` when the same key was computed before. ``done_only``: compute
+    nothing; return the leading batches already in the cache (a run still going, or stopped),
+    so fewer images than ``x`` may come back."""
     key = dict(key, projection=asdict(cfg.with_(compile=False, cuda_graph=False)), seed=seed, batch_size=batch_size)
     if not cfg.encoder_starts:
         key.pop("encoder", None)
@@ -212,6 +215,8 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
         part_path = parts / f"{b:05d}.pt" if parts is not None else None
         if part_path is not None and part_path.exists():
             part = torch.load(part_path, map_location=x.device, weights_only=True)
+        elif done_only:
+            break
         else:
             _sync(x.device)
             t0 = time.perf_counter()
@@ -225,6 +230,11 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
         images.append(part["images"])
         errors.append(part["errors"])
         seconds += float(part["seconds"])
+    if done_only:
+        if not images:
+            raise ConfigError(f"no finished batch of {key.get('condition')} in the cache {cache_dir} "
+                              f"for {asdict(cfg)}: run it first")
+        return dict(images=torch.cat(images), errors=torch.cat(errors), seconds=seconds, cached=True)
     out = dict(images=torch.cat(images), errors=torch.cat(errors), seconds=seconds, cached=False)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +286,7 @@ class BenchSettings:
     # matched quality (issue 15): each accuracy within this much of the reference (or better),
     # and the clean reconstruction error not higher
     max_accuracy_drop: float = 0.01
+    reference_done_only: bool = False  # pair on the reference's finished cached batches only
 
 
 def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset: str = "?",
@@ -347,16 +358,23 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                             **{which: file_digest(bundle.path / f"{which}.safetensors")})
             else:
                 raise ConfigError(f"unknown condition {cond!r}; use clean, fgsm and/or transfer")
-            undefended = (_predict(clf, xin) == y).float()
+            # With reference_done_only the reference is what its (slow) run has finished so far,
+            # and every configuration is compared on those leading images only.
+            ref_out = purify_cached(G, E, xin, settings.configs[0][1], settings.quality_batch, ckey,
+                                    settings.cache_dir, settings.seed, done_only=settings.reference_done_only)
+            k = len(ref_out["errors"])
+            undefended = (_predict(clf, xin[:k]) == y[:k]).float()
             per_cfg, rows = {}, {}
             for name, cfg in settings.configs:
-                out = purify_cached(G, E, xin, cfg, settings.quality_batch, ckey, settings.cache_dir,
-                                    settings.seed)
-                correct = (_predict(clf, out["images"]) == y).float()
+                out = ref_out if name == ref_name else purify_cached(
+                    G, E, xin, cfg, settings.quality_batch, ckey, settings.cache_dir, settings.seed)
+                ran = len(out["errors"])   # images this configuration's seconds are for
+                out = dict(out, images=out["images"][:k], errors=out["errors"][:k])
+                correct = (_predict(clf, out["images"]) == y[:k]).float()
                 per_cfg[name] = (correct, out["errors"].double())
                 rows[name] = dict(accuracy=float(correct.mean()), mean_error=float(out["errors"].mean()),
-                                  seconds=round(out["seconds"], 1), cached=out["cached"],
-                                  images_per_s=round(len(y) / out["seconds"], 3))
+                                  n=k, seconds=round(out["seconds"], 1), cached=out["cached"],
+                                  images_per_s=round(ran / out["seconds"], 3))
                 log(f"quality {cond} {name}: accuracy {rows[name]['accuracy']:.4f}, "
                     f"mean error {rows[name]['mean_error']:.5f}, {rows[name]['seconds']} s"
                     + (" (cached)" if out["cached"] else ""))
@@ -367,7 +385,8 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                     rows[name]["paired_vs_reference"] = dict(
                         accuracy_diff=paired(correct.double() - ref_correct.double()),
                         error_diff=paired(err - ref_err))
-            result["quality"][cond] = dict(undefended_accuracy=float(undefended.mean()), configs=rows)
+            result["quality"][cond] = dict(undefended_accuracy=float(undefended.mean()), n=k,
+                                           n_asked=len(y), configs=rows)
         result["matched_quality"] = matched_quality(result["quality"], ref_name, settings.max_accuracy_drop)
     return result
 
@@ -390,6 +409,8 @@ def matched_quality(quality: dict, reference: str, max_drop: float = 0.01) -> di
             if cond == "clean":
                 err = pv["error_diff"]
                 checks["clean_error"] = dict(diff=err["mean"], ci95=err["ci95"], ok=err["mean"] <= 0)
+        n = min(q.get("n", 0) for q in quality.values())
         out[name] = dict(matched=all(c["ok"] for c in checks.values()), checks=checks,
-                         conditions=sorted(quality))
+                         conditions=sorted(quality), n_paired=n,
+                         complete=all(q.get("n") == q.get("n_asked") for q in quality.values()))
     return out

@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="reuse purified results (e.g. the slow paper configuration) across runs")
+    p.add_argument("--reference-done-only", action="store_true",
+                   help="compute nothing for the reference (first) configuration: pair every other one on "
+                        "the reference's batches already in --cache (a long paper run still going or stopped)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its kernels per shape first (CUDA; the warm-up batches pay for it)")
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
@@ -56,7 +59,7 @@ def run(args) -> int:
         speed_images=args.speed_images, quality_images=args.quality_images,
         quality_batch=args.quality_batch, eps=args.eps,
         conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache,
-        rounds=args.rounds, speed_seconds=args.speed_seconds)
+        rounds=args.rounds, speed_seconds=args.speed_seconds, reference_done_only=args.reference_done_only)
     bundle = checkpoint.load_bundle(args.model_dir or f"models/{args.dataset}", device,
                                     need_classifier=bool(args.quality_images))
     test = data.load(args.dataset, "test", args.data_dir)

@@ -212,3 +212,37 @@ def test_time_config_stops_starting_batches_after_max_seconds(tiny_model_dir):
     assert one["images_per_s"] > 0
     every = time_config(bundle.generator, None, x, cfg, 4)
     assert every["calls"] == 3 and every["images"] == 12
+
+
+def test_bench_pairs_on_the_reference_batches_done_so_far(tiny_model_dir, tmp_path):
+    """--reference-done-only: the slow reference is read from its finished cached batches and
+    every configuration is paired on exactly those leading images."""
+    from purifier.benchmark import bench
+
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g), "fake")
+    ref, quick = parse_config("ref=paper:steps=3,restarts=2"), parse_config("quick=fast:steps=2,prune_after=1")
+    base = dict(configs=[ref, quick], speed_images=0, quality_images=12, quality_batch=4,
+                conditions=("clean",), cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no finished batch"):
+        run_bench(bundle, split, BenchSettings(**base, reference_done_only=True), "cpu", "tiny", log=lambda m: None)
+    full = run_bench(bundle, split, BenchSettings(**base), "cpu", "tiny", log=lambda m: None)
+    final = next(f for f in tmp_path.glob("*.pt")   # the reference's: leave 2 of its 3 batches
+                 if json.loads(torch.load(f, weights_only=True)["meta"])["projection"]["steps"] == 3)
+    parts = final.with_suffix(".parts")
+    hit = torch.load(final, weights_only=True)
+    parts.mkdir()
+    for b in range(2):
+        torch.save(dict(images=hit["images"][4 * b: 4 * b + 4], errors=hit["errors"][4 * b: 4 * b + 4],
+                        seconds=torch.tensor(1.0)), parts / f"{b:05d}.pt")
+    final.unlink()
+    part = run_bench(bundle, split, BenchSettings(**base, reference_done_only=True), "cpu", "tiny",
+                     log=lambda m: None)
+    q = part["quality"]["clean"]
+    assert q["n"] == 8 and q["n_asked"] == 12 and q["configs"]["quick"]["n"] == 8
+    assert part["matched_quality"]["quick"]["n_paired"] == 8 and not part["matched_quality"]["quick"]["complete"]
+    assert full["matched_quality"]["quick"]["complete"]
+    errs = hit["errors"].double()
+    assert q["configs"]["ref"]["mean_error"] == pytest.approx(float(errs[:8].mean()))
+    assert not final.exists()   # reading the finished batches wrote nothing
