@@ -65,7 +65,7 @@ def abstention_table(rows: list[dict]) -> list[str]:
     for r in rows:
         a = r["abstention"]
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
-        lines.append(f"| {THREAT_TITLES[r['threat']]} | {_row_attack(r)} | {eps} | {r['n']} | "
+        lines.append(f"| {_threat_title(r)} | {_row_attack(r)} | {eps} | {r['n']} | "
                      f"{_share(a['rejected'], 'rate')} | {_share(a['accepted_accuracy'], 'accuracy')} | "
                      f"{_share(a['protected_accuracy'], 'accuracy')} |")
     return lines
@@ -75,6 +75,10 @@ def _attack_title(attack: str) -> str:
     return {"none": "-", "bpda": "BPDA+EOT PGD-Linf", "pgd": "PGD-Linf", "cw": "CW-L2",
             "bpda-detect": "detection-aware BPDA+EOT PGD-Linf", "manifold": "on-manifold G(z)"}.get(
         attack, attack.upper())
+
+
+def _threat_title(r: dict) -> str:
+    return "adaptive (on-manifold)" if r["attack"] == "manifold" else THREAT_TITLES[r["threat"]]
 
 
 def _row_attack(r: dict) -> str:
@@ -133,7 +137,7 @@ def markdown_table(results: dict) -> str:
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
         auc = f"{r['detection']['auc']:.3f}" if "detection" in r else "-"
         attack = _row_attack(r)
-        lines.append(f"| {THREAT_TITLES[r['threat']]} | {attack} | {eps} | {r['n']} | "
+        lines.append(f"| {_threat_title(r)} | {attack} | {eps} | {r['n']} | "
                      f"{_acc(r['undefended'])} | {_acc(r['purified'])} | {auc} |")
     lines += abstention_table(rows)
     lines += evasion_table(rows)
