@@ -13,7 +13,12 @@ so under load batches fill without any delay.
   alone, so the same seed gives the same answer whatever else is in flight.
 - At most ``max_queue_size`` requests wait; the next is refused at once (OverloadedError).
 - A request whose deadline passed while it waited is dropped before compute (DeadlineError);
-  one whose caller went away is dropped too.
+  one whose caller went away is dropped too. So is one whose time left is shorter than the
+  last batch of the same options and at least its size took (``_estimate``): it would be
+  abandoned part-way, its compute wasted. Without this, under sustained overload every
+  request waited in the queue until its batch could no longer finish in time, and the
+  server computed almost only batches nobody received (scripts/soak.py at 2x capacity: 67
+  answers in 10 minutes against a capacity of 7.9 per second; docs/service.md, Soak).
 - A running batch is abandoned once all its callers are gone (cancelled, or past their
   deadline): ``compute`` is given ``should_stop``, which the projection asks between steps,
   so abandoned work stops within one step instead of running to its end.
@@ -70,6 +75,8 @@ class Batcher:
         self._closed = False
         self._last_batch_requests = 0
         self._compute_s = 0.0   # the last batch's compute time, set in the executor thread
+        # options (seed aside) -> images in a batch -> its last compute time, for _estimate
+        self._took: dict[ProjectionConfig, dict[int, float]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
@@ -166,13 +173,23 @@ class Batcher:
         start = time.perf_counter()
         out = self.compute(x, cfg, should_stop=should_stop)
         self._compute_s = time.perf_counter() - start
+        self._took.setdefault(cfg.with_(seed=None), {})[x.shape[0]] = self._compute_s
         if self.metrics is not None:
             self.metrics.projection_seconds.observe(self._compute_s)
             self.metrics.batch_size.observe(x.shape[0])
         return out
 
+    def _estimate(self, cfg: ProjectionConfig, images: int) -> float | None:
+        """Seconds a batch of ``images`` with these options will likely take: the last time of
+        the smallest batch with the same options and at least as many images (never more
+        optimistic than a batch that size did); None before one ran."""
+        took = dict(self._took.get(cfg.with_(seed=None), {}))   # a copy: the compute thread adds to it
+        sizes = [n for n in took if n >= images]
+        return took[min(sizes)] if sizes else None
+
     def _drop_stale(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()
+        need = self._estimate(batch[0].cfg, sum(it.x.shape[0] for it in batch)) if batch else None
         live = []
         for it in batch:
             if it.future.done():  # the caller went away, or gRPC ended the call at its deadline
@@ -184,6 +201,13 @@ class Batcher:
                 self._reject("deadline")
                 it.future.set_exception(DeadlineError(
                     f"deadline passed after {1000 * (now - it.enqueued):.0f} ms in the queue; nothing was computed"))
+                continue
+            if it.deadline is not None and need is not None and it.deadline - now < need:
+                self._reject("deadline")
+                it.future.set_exception(DeadlineError(
+                    f"{it.deadline - now:.2f} s of its deadline left after {now - it.enqueued:.2f} s in the queue, and "
+                    f"a batch like this one takes about {need:.2f} s; dropped before compute (retry later, or "
+                    "with a longer deadline)"))
                 continue
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(now - it.enqueued)

@@ -150,6 +150,15 @@ def test_a_request_over_the_limit_is_refused_by_grpc_before_any_handler(small):
     clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(uint8_images(1))), timeout=60)   # still serving
 
 
+def wait_for(condition, seconds: float = 30) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 def rejected(server, reason: str) -> float:
     return metric(scrape(server), "purifier_rejected_total", reason=reason)
 
@@ -162,8 +171,7 @@ def test_a_deadline_that_passes_in_the_queue_is_counted_once_as_deadline(live):
     gate = hold_batches(server, seen)
     try:
         first = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
-        while not seen:                                   # the first batch holds the worker
-            pass
+        wait_for(lambda: seen)                            # the first batch holds the worker
         before, dropped = codes(server, "Purify"), rejected(server, "deadline")
         with pytest.raises(grpc.RpcError) as e:
             clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(images(2))), timeout=0.3)
@@ -189,8 +197,7 @@ def test_a_cancel_in_the_queue_is_counted_once_as_cancelled(live):
     gate = hold_batches(server, seen)
     try:
         first = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(1))), timeout=60)
-        while not seen:
-            pass
+        wait_for(lambda: seen)
         before, dropped = codes(server, "Purify"), rejected(server, "cancelled")
         second = clients.purifier.Purify.future(pb.PurifyRequest(tensor=tensor(images(2))), timeout=60)
         end = time.monotonic() + 30
@@ -279,3 +286,44 @@ def test_serve_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path, pr
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected, "False"]        # set while torch was not yet imported
+
+
+# --- no compute for a request that cannot finish in time ---------------------------------------
+
+def test_a_request_whose_batch_cannot_finish_before_its_deadline_is_dropped_before_compute():
+    """Under sustained overload every request waits until its batch can no longer finish in
+    time; computing it anyway is what made the soak's goodput collapse (docs/service.md)."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from purifier.engine import Batcher
+    from purifier.errors import DeadlineError
+    from purifier.projection import FAST
+
+    calls = []
+
+    def compute(x, cfg, should_stop=None):      # 0.3 s a batch, and no stopping part-way
+        calls.append(x.shape[0])
+        time.sleep(0.3)
+        return x.numpy(), np.zeros(x.shape[0], np.float32)
+
+    async def go():
+        b = Batcher(compute, ThreadPoolExecutor(1), max_batch_size=4, max_queue_delay_s=0, max_queue_size=8)
+        b.start()
+        try:
+            x = torch.full((2, 1, 2, 2), 0.5)
+            await b.submit(x, FAST)                                   # the first batch: nothing known yet
+            with pytest.raises(DeadlineError, match="a batch like this one takes about 0.3"):
+                await b.submit(x, FAST, deadline=time.monotonic() + 0.1)
+            await b.submit(x, FAST, deadline=time.monotonic() + 5)    # time enough: computed
+            await b.submit(torch.full((3, 1, 2, 2), 0.5), FAST, deadline=time.monotonic() + 0.1)  # no 3+ batch yet
+            await b.submit(x, FAST.with_(steps=7), deadline=time.monotonic() + 0.1)   # other options: unknown
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+    assert calls == [2, 2, 3, 2]              # the doomed request never reached compute
