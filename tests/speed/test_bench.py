@@ -118,6 +118,9 @@ def test_speed_summary_headline_is_the_lowest_round():
 
     rows = [_row("paper", 8, 1.0, 0), _row("fast", 8, 60.0, 0),
             _row("paper", 8, 1.0, 1), _row("fast", 8, 50.0, 1)]
+    for r, cpu in zip(rows, [0.5, 40.0, 0.5, 40.0]):
+        r["images_per_cpu_s"] = cpu
+    assert speed_summary(rows, "paper", "images_per_cpu_s")["headline"]["fast"]["speedup_best_vs_best"] == 80
     h = speed_summary(rows, "paper")["headline"]["fast"]
     assert h["speedup_best_vs_best"] == 50 and h["speedup_best_vs_best_per_round"] == [60, 50]
     assert h["spread"] == pytest.approx(0.2) and h["speedup_same_batch"] == {"8": 50}
@@ -159,6 +162,8 @@ def test_bench_sweeps_rounds_records_load_and_attacks_through_the_substitute(tin
     json.dumps(out)
     assert len(out["speed"]) == 2 * 2 * 2 and {r["round"] for r in out["speed"]} == {0, 1}
     assert len(out["load"]) == 3 and len(out["load"][0]["loadavg"]) == 3
+    assert all(r["cpu_seconds"] > 0 and r["images_per_cpu_s"] > 0 for r in out["speed"])
+    assert out["speed_summary_cpu_time"]["metric"] == "images_per_cpu_s"
     h = out["speed_summary"]["headline"]
     assert h["ref"]["speedup_best_vs_best"] == 1 and len(h["quick"]["speedup_best_vs_best_per_round"]) == 2
     assert set(h["quick"]["speedup_same_batch"]) == {"2", "4"}
