@@ -60,6 +60,10 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+# How long a batch's compute time predicts the next one's (see Batcher._estimate).
+ESTIMATE_TTL_S = 30.0
+
+
 class Batcher:
     def __init__(self, compute: Compute, executor: Executor, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, metrics=None):
@@ -75,8 +79,8 @@ class Batcher:
         self._closed = False
         self._last_batch_requests = 0
         self._compute_s = 0.0   # the last batch's compute time, set in the executor thread
-        # options (seed aside) -> images in a batch -> its last compute time, for _estimate
-        self._took: dict[ProjectionConfig, dict[int, float]] = {}
+        # options (seed aside) -> images in a batch -> (its last compute time, when), for _estimate
+        self._took: dict[ProjectionConfig, dict[int, tuple[float, float]]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
@@ -173,7 +177,7 @@ class Batcher:
         start = time.perf_counter()
         out = self.compute(x, cfg, should_stop=should_stop)
         self._compute_s = time.perf_counter() - start
-        self._took.setdefault(cfg.with_(seed=None), {})[x.shape[0]] = self._compute_s
+        self._took.setdefault(cfg.with_(seed=None), {})[x.shape[0]] = (self._compute_s, time.monotonic())
         if self.metrics is not None:
             self.metrics.projection_seconds.observe(self._compute_s)
             self.metrics.batch_size.observe(x.shape[0])
@@ -182,10 +186,13 @@ class Batcher:
     def _estimate(self, cfg: ProjectionConfig, images: int) -> float | None:
         """Seconds a batch of ``images`` with these options will likely take: the last time of
         the smallest batch with the same options and at least as many images (never more
-        optimistic than a batch that size did); None before one ran."""
+        optimistic than a batch that size did); None before one ran, or when that time is
+        older than ESTIMATE_TTL_S: dropped requests compute nothing, so without the expiry one
+        slow batch (a load spike) would refuse every shorter-deadline request from then on."""
         took = dict(self._took.get(cfg.with_(seed=None), {}))   # a copy: the compute thread adds to it
-        sizes = [n for n in took if n >= images]
-        return took[min(sizes)] if sizes else None
+        now = time.monotonic()
+        sizes = [n for n, (_, at) in took.items() if n >= images and now - at <= ESTIMATE_TTL_S]
+        return took[min(sizes)][0] if sizes else None
 
     def _drop_stale(self, batch: list[_Item]) -> list[_Item]:
         now = time.monotonic()

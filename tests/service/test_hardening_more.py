@@ -327,3 +327,48 @@ def test_a_request_whose_batch_cannot_finish_before_its_deadline_is_dropped_befo
 
     asyncio.run(go())
     assert calls == [2, 2, 3, 2]              # the doomed request never reached compute
+
+
+def test_a_stale_estimate_refuses_nothing(monkeypatch):
+    """Dropped requests compute nothing, so the estimate that dropped them would never be
+    renewed: one slow batch (a load spike) must not refuse short deadlines for ever."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from purifier.engine import batching
+    from purifier.errors import DeadlineError
+    from purifier.projection import FAST
+
+    calls = []
+
+    def compute(x, cfg, should_stop=None):
+        calls.append(x.shape[0])
+        time.sleep(0.3)
+        return x.numpy(), np.zeros(x.shape[0], np.float32)
+
+    async def go():
+        b = batching.Batcher(compute, ThreadPoolExecutor(1), max_batch_size=4, max_queue_delay_s=0, max_queue_size=8)
+        b.start()
+        try:
+            x = torch.full((2, 1, 2, 2), 0.5)
+            await b.submit(x, FAST)                                   # took 0.3 s: the estimate
+            with pytest.raises(DeadlineError):
+                await b.submit(x, FAST, deadline=time.monotonic() + 0.2)
+            monkeypatch.setattr(batching, "ESTIMATE_TTL_S", 0.0)      # the estimate has expired:
+            try:                                                      # the same short deadline is tried
+                await b.submit(x, FAST, deadline=time.monotonic() + 0.2)
+            except DeadlineError:
+                pass                                                  # (it may still miss it)
+            assert len(calls) == 2
+            monkeypatch.setattr(batching, "ESTIMATE_TTL_S", 30.0)
+            with pytest.raises(DeadlineError):                        # renewed by that batch
+                await b.submit(x, FAST, deadline=time.monotonic() + 0.2)
+        finally:
+            await b.close()
+
+    asyncio.run(go())
+    assert calls == [2, 2]
