@@ -85,6 +85,23 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return x_adv.detach()
 
 
+def _adam_step(p: torch.Tensor, grad: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, t: int,
+               lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> torch.Tensor:
+    """One Adam step written out (as in projection.py: torch.optim's first use imports the
+    compiler stack); updates the moments m1, m2 in place and returns the new point."""
+    m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+    m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return p - lr * (m1 / (1 - beta1 ** t)) / ((m2 / (1 - beta2 ** t)).sqrt() + eps)
+
+
+def _bisect_const(const, lower, upper, succeeded):
+    """Carlini-Wagner's search on the loss constant, per image: halve towards the bracket where
+    an attack succeeded, multiply by 10 until one does. Returns (const, lower, upper)."""
+    upper = torch.where(succeeded, torch.minimum(upper, const), upper)
+    lower = torch.where(succeeded, lower, torch.maximum(lower, const))
+    return torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10), lower, upper
+
+
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,
           binary_search_steps: int = 5, initial_const: float = 0.1, lr: float = 0.01,
           confidence: float = 0.0) -> torch.Tensor:
@@ -105,9 +122,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,
     best_l2 = torch.full((B,), float("inf"), device=dev)
     best = x.clone()
 
-    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     for _ in range(binary_search_steps):
-        # Adam written out (as in projection.py): torch.optim's first use imports the compiler stack.
         w = w0.clone()
         m1, m2 = torch.zeros_like(w), torch.zeros_like(w)
         succeeded = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -129,13 +144,9 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100,
                 better = is_adv & (l2 < best_l2)
                 best_l2 = torch.where(better, l2, best_l2)
                 best[better] = adv[better].detach()
-                m1.mul_(beta1).add_(grad, alpha=1 - beta1)
-                m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                w = w - lr * (m1 / (1 - beta1 ** t)) / ((m2 / (1 - beta2 ** t)).sqrt() + adam_eps)
+                w = _adam_step(w, grad, m1, m2, t, lr)
         with torch.no_grad():
-            upper = torch.where(succeeded, torch.minimum(upper, const), upper)
-            lower = torch.where(succeeded, lower, torch.maximum(lower, const))
-            const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+            const, lower, upper = _bisect_const(const, lower, upper, succeeded)
     return best.clamp(0.0, 1.0).detach()
 
 
@@ -352,7 +363,6 @@ def on_manifold(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y:
     with torch.no_grad():
         best = generator(z0)
     last = best
-    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     for _ in range(search_steps):
         z = z0.clone()
         m1, m2 = torch.zeros_like(z), torch.zeros_like(z)
@@ -372,16 +382,12 @@ def on_manifold(classifier: nn.Module, generator: nn.Module, x: torch.Tensor, y:
                 better = ok & (l2 < best_l2)
                 best_l2 = torch.where(better, l2, best_l2)
                 best[better] = img[better].detach()
-                m1.mul_(beta1).add_(grad, alpha=1 - beta1)
-                m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                z = z - lr * (m1 / (1 - beta1 ** t)) / ((m2 / (1 - beta2 ** t)).sqrt() + adam_eps)
+                z = _adam_step(z, grad, m1, m2, t, lr)
                 if radius is not None:
                     z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
         with torch.no_grad():
             last = generator(z)
-            upper = torch.where(succeeded, torch.minimum(upper, const), upper)
-            lower = torch.where(succeeded, lower, torch.maximum(lower, const))
-            const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
+            const, lower, upper = _bisect_const(const, lower, upper, succeeded)
     found = torch.isfinite(best_l2)
     out = torch.where(found.view(B, 1, 1, 1), best, last)
     return out.clamp(0.0, 1.0).detach(), found
