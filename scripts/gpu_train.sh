@@ -7,8 +7,7 @@
 #   2. export each generator (G or its EMA, whichever purifies a transfer attack on held-out
 #      training images better: --select-by transfer),
 #      train its encoder;
-#   3. profile the step's variants (scripts/profile_gan_step.py, PROFILE_S=60, 0 skips it);
-#   4. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
+#   3. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
 #      enough for `train-gan --warm-start` next lease) and the logs. The exact checkpoints
 #      (35 MiB each, parts < 16 MiB) and the snapshots stay in $W (git-ignored, kept on a warm
 #      machine): call 2, scripts/gpu_eval.sh, returns the MNIST one with the results, and
@@ -19,7 +18,7 @@ set -u
 OUT=${OUT:-runs/gpu-out}
 W=${W:-runs/gpu-lease}
 DEVICE=${DEVICE:-cuda}
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-575}
 TRAIN_MIN=${TRAIN_MIN:-7.3}
 ITERS=${ITERS:-200000}
 SNAPSHOTS=${SNAPSHOTS:-10000,25000,50000,100000,150000,200000}
@@ -54,15 +53,6 @@ for ds in mnist fashion-mnist; do
 done
 wait
 
-# 4. the profile the next lease needs (issue 9: 65 it/s per data set is not launch-bound any more):
-#    graph-captured step as is / channels-last / bf16 autocast / both, and the eager step's top
-#    kernels. After the training, bounded, so it never costs the generators their minutes.
-if [ "${PROFILE_S:-60}" -gt 0 ]; then
-  PIT=300; [ "$QUICK" = 1 ] && PIT=2
-  step profile-gan-step "${PROFILE_S:-60}" $PY scripts/profile_gan_step.py --dataset mnist --data-dir data/mnist \
-    --device $DEVICE --iterations $PIT --profile --out "$OUT/profile-gan-step.json"
-fi
-
 for ds in mnist fashion-mnist; do
   mkdir -p "$W/models/$ds"; cp $MODELS/$ds/*.safetensors $MODELS/$ds/card.json "$W/models/$ds/" 2>/dev/null
   tar -cf "$OUT/models-$ds.tar" -C "$MODELS/.." "$(basename "$MODELS")/$ds/generator.safetensors" \
@@ -70,6 +60,18 @@ for ds in mnist fashion-mnist; do
     "$(basename "$MODELS")/$ds/card.json"
   cp "$W/gan-$ds/samples/$(ls "$W/gan-$ds/samples" | tail -1)" "$W/samples-$ds.png" 2>/dev/null
 done
+# 4. the profile the next lease needs (issue 9: 65 it/s per data set is not launch-bound any more):
+#    graph-captured step as is / channels-last / bf16 autocast / both, and the eager step's top
+#    kernels. After the training, bounded, so it never costs the generators their minutes.
+#    Runs after the models are packed, within what is left of BUDGET_S, so a slow profile can
+#    never cost the lease its generators.
+PS=${PROFILE_S:-60}; [ $(( $(left) - 10 )) -lt "$PS" ] && PS=$(( $(left) - 10 ))
+if [ "$PS" -gt 0 ]; then
+  PIT=300; [ "$QUICK" = 1 ] && PIT=2
+  step profile-gan-step "$PS" $PY scripts/profile_gan_step.py --dataset mnist --data-dir data/mnist \
+    --device $DEVICE --iterations $PIT --profile --out "$OUT/profile-gan-step.json"
+fi
+
 (cd "$W" && tar -czf "$OUT/logs1.tar.gz" --ignore-failed-read *.log *.txt samples-*.png gan-*/samples) 2>/dev/null
 ls -la "$OUT" | tee -a "$W/timeline.txt"
 log "done"

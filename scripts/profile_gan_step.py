@@ -130,6 +130,8 @@ def main(argv=None) -> int:
             r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:300]}
         print(json.dumps(r), flush=True)
         report["variants"].append(r)
+        if args.out:  # after each variant: a profile stopped at its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(report, indent=1))
     if args.profile:
         report["eager_profile"] = profile_eager(images, device, max(3, min(20, args.iterations)))
         for row in report["eager_profile"][:12]:
