@@ -4,8 +4,8 @@
 #      identical random inputs, fp32), then train MNIST and Fashion-MNIST at once (one CUDA
 #      stream each) for TRAIN_MIN minutes, resuming from $W/gan-<ds>/checkpoint when present, else
 #      warm-starting from the shipped models/<ds> (generator + critic.safetensors);
-#   2. export each generator (G or its EMA, whichever purifies a transfer attack on held-out
-#      training images better: --select-by transfer),
+#   2. export each generator (G or its EMA, whichever has the higher mean of purified clean and
+#      transfer-attacked accuracy on held-out training images: --select-by defense),
 #      train its encoder;
 #   3. pack under $OUT: both model folders (generator, critic, encoder, card: 15.5 MiB each,
 #      enough for `train-gan --warm-start` next lease) and the logs. The exact checkpoints
@@ -43,7 +43,7 @@ TRAIN_LIMIT=$(python3 -c "print(int(60*$TRAIN_MIN)+100)"); [ "$QUICK" = 1 ] && T
 step train-gan $TRAIN_LIMIT $P train-gan --dataset mnist,fashion-mnist \
   --data-dir "data/{dataset}" --device $DEVICE --iterations $ITERS --batch-size 64 --n-critic 5 --ema 0.999 \
   --seed 0 --run-dir "$W/gan-{dataset}" --out "$MODELS/{dataset}" --checkpoint-every 25000 \
-  --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-by transfer --select-images $SELECT \
+  --sample-every 10000 --log-every 250 --snapshot-at $SNAPSHOTS --check-graph $CHECK --select-by defense --select-images $SELECT \
   --max-minutes "$TRAIN_MIN" --no-progress --resume "${WARM[@]}" $EXTRA
 grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
 

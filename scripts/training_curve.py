@@ -2,11 +2,15 @@
 `purifier eval` runs over generators saved at several iterations (scripts/gpu_eval.sh's sweep
 over `train-gan --snapshot-at` snapshots, plus the shipped generator's own eval).
 
-    python scripts/training_curve.py docs/results/h100-28k --out docs/figures/robustness-vs-iterations.png
+    python scripts/training_curve.py docs/results/h100-28k:28000 docs/results/h100-56k:56000 \
+        --out docs/figures/robustness-vs-iterations.png
+
+Each argument is one lease's results folder and the iteration count its shipped generator had
+(one run continued over leases gives one curve; a later lease's rows follow the earlier's).
 
 Reads <dir>/sweep/<dataset>-iterNNNNNN/results.json (a snapshot's EMA generator) and
 <dir>/<dataset>-paper/results.json (the shipped generator, iteration from its card section in
-the results' fingerprint, else --final-iterations). Prints a markdown table; computes nothing
+the results' fingerprint, else the DIR:ITERATIONS suffix or --final-iterations). Prints a markdown table; computes nothing
 that the evals did not measure.
 """
 
@@ -55,12 +59,18 @@ def table(dataset: str, rs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("base", help="folder with sweep/ and <dataset>-paper/ eval results")
+    ap.add_argument("bases", nargs="+", metavar="DIR[:ITERATIONS]",
+                    help="folders with sweep/ and <dataset>-paper/ eval results; ITERATIONS: the "
+                         "shipped generator's iteration count in that folder (default --final-iterations)")
     ap.add_argument("--out", default=None, help="PNG figure path")
     ap.add_argument("--final-iterations", type=int, default=28000)
     args = ap.parse_args()
-    base = Path(args.base)
-    data = {ds: rows(base, ds, args.final_iterations) for ds in ("mnist", "fashion-mnist")}
+    data: dict[str, list[dict]] = {"mnist": [], "fashion-mnist": []}
+    for spec in args.bases:
+        folder, _, its = spec.partition(":")
+        for ds in data:
+            data[ds] += rows(Path(folder), ds, int(its) if its else args.final_iterations)
+    data = {ds: sorted(rs, key=lambda r: r["iterations"]) for ds, rs in data.items()}
     for ds, rs in data.items():
         print(table(ds, rs) + "\n")
     if args.out:

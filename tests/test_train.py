@@ -204,3 +204,17 @@ def test_selection_by_defense_scores_every_candidate_and_picks_the_best(tmp_path
     key = lambda k: (scores[k]["attacked_accuracy"], scores[k]["clean_accuracy"])  # noqa: E731
     assert key(best) == max(key(k) for k in scores)
     assert all(0 <= s["attacked_accuracy"] <= 1 and s["clean_reconstruction_error"] > 0 for s in scores.values())
+    with pytest.raises(ValueError, match="defense"):
+        selection.choose(cands, model_dir, "mnist", str(tmp_path / "data"), n=6, by="clean")
+
+
+def test_defense_criterion_weighs_clean_accuracy_against_attacked():
+    """The 2026-11-27 lease's Fashion-MNIST scores: "transfer" ships G, "defense" its EMA."""
+    from purifier.training.selection import CRITERIA
+
+    scores = {"G": {"clean_accuracy": 0.826, "attacked_accuracy": 0.182},
+              "G_ema": {"clean_accuracy": 0.834, "attacked_accuracy": 0.180}}
+    pick = {by: max(scores, key=lambda k: CRITERIA[by](scores[k])) for by in CRITERIA}
+    assert pick == {"transfer": "G", "defense": "G_ema"}
+    tie = {"a": {"clean_accuracy": 0.9, "attacked_accuracy": 0.5}, "b": {"clean_accuracy": 0.8, "attacked_accuracy": 0.6}}
+    assert max(tie, key=lambda k: CRITERIA["defense"](tie[k])) == "b"  # equal means: the attacked one decides

@@ -46,10 +46,11 @@ def add_arguments(p) -> None:
                    help="before training on CUDA, compare N graph replays with N eager updates; stop if they differ")
     p.add_argument("--select-images", type=int, default=C.select_images,
                    help="training images on which G and its EMA are compared before export")
-    p.add_argument("--select-by", choices=["reconstruction", "transfer"], default=C.select_by,
-                   help="how export picks G or its EMA: reconstruction error on training images, or purified "
-                        "accuracy under a transfer FGSM on held-out training images (needs classifier and "
-                        "substitute in --out; purifier.training.selection)")
+    p.add_argument("--select-by", choices=["reconstruction", "transfer", "defense"], default=C.select_by,
+                   help="how export picks G or its EMA: reconstruction error on training images; purified "
+                        "accuracy under a transfer FGSM on held-out training images (transfer); or the mean "
+                        "of that and purified clean accuracy (defense). The last two need classifier and "
+                        "substitute in --out; purifier.training.selection")
     p.add_argument("--part-mib", type=float, default=C.part_mib, help="checkpoint part size (MiB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint/")

@@ -71,7 +71,7 @@ class GANTrainConfig:
     snapshot_at: tuple[int, ...] = field(default_factory=tuple)  # keep G and EMA at these iterations
     part_mib: float = 15.0      # checkpoint part size
     select_images: int = 200    # training images on which G and its EMA are compared at export
-    select_by: str = "reconstruction"  # or "transfer": purified accuracy under attack (purifier.selection)
+    select_by: str = "reconstruction"  # or "transfer" / "defense": purified accuracy (purifier.training.selection)
     warm_start: str | None = None  # model dir (generator + critic + card) to continue from without a checkpoint
 
 
@@ -486,13 +486,14 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
     for r in runs:
         summary = r.summary()
         if r.cfg.out_dir:
-            if r.cfg.select_by == "transfer" and r.model.G_ema is not None:
+            if r.cfg.select_by in ("transfer", "defense") and r.model.G_ema is not None:
                 from . import selection as sel
 
                 cands = {"G": r.model.G, "G_ema": r.model.G_ema}
                 name, selection = sel.choose({k: copy.deepcopy(v) for k, v in cands.items()}, r.cfg.out_dir,
                                              r.cfg.dataset, r.cfg.data_dir, r.cfg.select_images, seed=r.cfg.seed,
-                                             device=r.device, image_size=r.cfg.image_size)
+                                             device=r.device, image_size=r.cfg.image_size,
+                                             by=r.cfg.select_by)
                 chosen = cands[name]
             else:
                 chosen, selection = choose_generator(r.model.G, r.model.G_ema, r.train_images, r.device,
