@@ -19,7 +19,7 @@ OUT=${OUT:-runs/gpu-out}
 W=${W:-runs/gpu-lease}
 DEVICE=${DEVICE:-cuda}
 BUDGET_S=${BUDGET_S:-575}
-TRAIN_MIN=${TRAIN_MIN:-7.3}
+TRAIN_MIN=${TRAIN_MIN:-7.7}
 ITERS=${ITERS:-200000}
 SNAPSHOTS=${SNAPSHOTS:-10000,25000,50000,100000,150000,200000}
 ENC_STEPS=${ENC_STEPS:-6000}
@@ -60,12 +60,13 @@ for ds in mnist fashion-mnist; do
     "$(basename "$MODELS")/$ds/card.json"
   cp "$W/gan-$ds/samples/$(ls "$W/gan-$ds/samples" | tail -1)" "$W/samples-$ds.png" 2>/dev/null
 done
-# 4. the profile the next lease needs (issue 9: 65 it/s per data set is not launch-bound any more):
+# 4. optionally (PROFILE_S > 0) the step profile (issue 9: 65 it/s per data set is not launch-bound any more):
 #    graph-captured step as is / channels-last / bf16 autocast / both, and the eager step's top
 #    kernels. After the training, bounded, so it never costs the generators their minutes.
 #    Runs after the models are packed, within what is left of BUDGET_S, so a slow profile can
 #    never cost the lease its generators.
-PS=${PROFILE_S:-60}; [ $(( $(left) - 10 )) -lt "$PS" ] && PS=$(( $(left) - 10 ))
+PS=${PROFILE_S:-0};  # measured on 2026-11-27 (docs/results.md); PROFILE_S=60 profiles again
+ [ $(( $(left) - 10 )) -lt "$PS" ] && PS=$(( $(left) - 10 ))
 if [ "$PS" -gt 0 ]; then
   PIT=300; [ "$QUICK" = 1 ] && PIT=2
   step profile-gan-step "$PS" $PY scripts/profile_gan_step.py --dataset mnist --data-dir data/mnist \
