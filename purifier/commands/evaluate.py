@@ -72,6 +72,13 @@ def add_arguments(p) -> None:
     p.add_argument("--blackbox-labels", choices=["defended", "true"], default=C.blackbox_labels,
                    help="blackbox: labels of the held-out images: the defended model's answers, or the "
                         "true ones (as the original script); new points are always labelled by the defended model")
+    p.add_argument("--blackbox-oracle", default=C.blackbox_oracle, metavar="HOST:PORT",
+                   help="blackbox: label the substitute's data by asking this served model (Open Inference "
+                        "Protocol V2 gRPC; e.g. a running `purifier serve` in front of its classifier) instead "
+                        "of this run's own defended model: the attack a real black-box attacker makes. The "
+                        "purified column is still measured here, with the local models")
+    p.add_argument("--blackbox-oracle-model", default=C.blackbox_oracle_model, metavar="NAME",
+                   help="blackbox: the model name to ask at --blackbox-oracle")
     p.add_argument("--batch-size", type=int, default=C.batch_size, help="images per projection call / cached chunk")
     p.add_argument("--adaptive-batch", type=int, default=C.adaptive_batch, help="images per cached BPDA chunk")
     p.add_argument("--seed", type=int, default=C.seed)
@@ -97,7 +104,8 @@ def config_from_args(args):
         sweep_attack=args.sweep_attack, sweep_eps=args.sweep_eps, blackbox_holdout=args.blackbox_holdout,
         blackbox_n=args.blackbox_n, blackbox_rounds=args.blackbox_rounds, blackbox_lambda=args.blackbox_lambda,
         blackbox_epochs=args.blackbox_epochs, blackbox_arch=args.blackbox_arch,
-        blackbox_labels=args.blackbox_labels, batch_size=args.batch_size,
+        blackbox_labels=args.blackbox_labels, blackbox_oracle=args.blackbox_oracle,
+        blackbox_oracle_model=args.blackbox_oracle_model, batch_size=args.batch_size,
         adaptive_batch=args.adaptive_batch, seed=args.seed, n_show=args.n_show, device=resolve_device(args))
 
 
@@ -106,7 +114,17 @@ def run(args) -> int:
 
     from ..evaluation.evaluate import run_evaluation
 
-    results = run_evaluation(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    cfg = config_from_args(args)
+    oracle = None
+    if cfg.blackbox_oracle and "blackbox" in cfg.attacks:
+        from ..server.oracle import RemoteLabels
+
+        oracle = RemoteLabels(cfg.blackbox_oracle, cfg.blackbox_oracle_model)
+    try:
+        results = run_evaluation(cfg, resume=args.resume, progress=not args.no_progress, oracle=oracle)
+    finally:
+        if oracle is not None:
+            oracle.close()
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.json, results.md and {len(results['figures'])} figures")
     return 0

@@ -98,6 +98,10 @@ class EvalConfig:
     blackbox_arch: str = "B"            # substitute architecture (the rerun's: B, model A protected)
     blackbox_labels: str = "defended"   # the holdout's labels: the defended model's, or "true" (the
                                         # original script's: it queries only for the new points)
+    blackbox_oracle: str | None = None  # host:port of a served model (V2 gRPC) whose answers label the
+                                        # substitute's data instead of this run's own defended model:
+                                        # a running purifier, queried as a real black-box attacker would
+    blackbox_oracle_model: str = "classifier"  # the model name asked there
     batch_size: int = 250               # images per project() call and per cached chunk
     adaptive_batch: int = 20            # images per cached BPDA chunk (minutes each on a CPU)
     seed: int = 0
@@ -259,8 +263,15 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 class Evaluation:
     """Holds the models and data of one run; :meth:`run` returns the results dict."""
 
-    def __init__(self, cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print):
+    def __init__(self, cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print, oracle=None):
+        """``oracle``: labels (N,) for images (N, C, H, W) from the black box at
+        ``cfg.blackbox_oracle`` (``purifier.server.oracle.RemoteLabels``; the evaluation itself
+        speaks no gRPC), required when that is set."""
         self.cfg, self.log = cfg, log
+        if cfg.blackbox_oracle and "blackbox" in cfg.attacks and oracle is None:
+            raise ConfigError(f"blackbox_oracle {cfg.blackbox_oracle}: pass the oracle that asks it "
+                              "(purifier eval --blackbox-oracle builds one)")
+        self.oracle = oracle
         self.device = torch.device(cfg.device)
         self.out = Path(cfg.out_dir)
         self.bundle = checkpoint.load_bundle(cfg.model_dir, self.device, need_classifier=True)
@@ -437,13 +448,25 @@ class Evaluation:
         """Everything the substitute depends on beyond the run's fingerprint; the defended model
         that labels its data includes the projection."""
         c = self.cfg
+        who = (f"oracle{hashlib.sha256(f'{c.blackbox_oracle}/{c.blackbox_oracle_model}'.encode()).hexdigest()[:8]}"
+               if c.blackbox_oracle else _proj_tag(self.pcfg))
         return (f"h{c.blackbox_holdout}-r{c.blackbox_rounds}-lam{c.blackbox_lambda:g}-e{c.blackbox_epochs}-"
-                f"{c.blackbox_arch}-{c.blackbox_labels}-{_proj_tag(self.pcfg)}")
+                f"{c.blackbox_arch}-{c.blackbox_labels}-{who}")
 
     def _defended_labels(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The black box's answers (N,): classify(purify(x)), the purified column's pipeline,
         cached by the points' hash (so a resumed run reuses answers only for the same points)."""
         digest = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:12]
+        if self.cfg.blackbox_oracle:  # the served black box's answers, kept so a resumed run asks again for none
+            path = self.out / "cache" / "blackbox" / self._blackbox_tag() / f"oracle-{name}-{digest}.pt"
+            if path.is_file():
+                return torch.load(path, weights_only=True)
+            labels = self.oracle(x.cpu()).to(torch.int64).cpu()
+            if labels.shape != (len(x),):
+                raise ConfigError(f"oracle {self.cfg.blackbox_oracle}: {tuple(labels.shape)} labels for {len(x)} images")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(labels, path)
+            return labels
         return self._purified(f"blackbox-{self._blackbox_tag()}/{name}-{digest}", x.cpu(), self.pcfg)["pred"]
 
     def _blackbox_substitute(self) -> tuple[torch.nn.Module, dict]:
@@ -498,6 +521,8 @@ class Evaluation:
                 "substitute_arch": c.blackbox_arch, "holdout_labels": c.blackbox_labels,
                 "jacobian": "sign of d softmax(substitute)[oracle label] / dx, new points not clipped",
                 "fgsm_labels": "the substitute's predictions", "fgsm_clip": [0.0, 1.0],
+                "oracle": (f"{c.blackbox_oracle} model {c.blackbox_oracle_model} (V2 gRPC)" if c.blackbox_oracle
+                           else "this run's defended model (its purified column)"),
                 "attacker_images": f"test[0:{h}] (file order)",
                 "measured_images": f"test[{h}:{h + len(self.blackbox['eval'][1])}] (file order)",
                 **record}
@@ -719,11 +744,13 @@ def _label(row: dict) -> str:
     return name + (f" eps={row['eps']:g}" if row["eps"] is not None else "")
 
 
-def run_evaluation(cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Run the evaluation and write results.json, results.md and figures/ into cfg.out_dir."""
+def run_evaluation(cfg: EvalConfig, resume: bool = False, progress: bool = True, log=print,
+                   oracle=None) -> dict:
+    """Run the evaluation and write results.json, results.md and figures/ into cfg.out_dir
+    (``oracle``: see :class:`Evaluation`)."""
     from . import report
 
-    ev = Evaluation(cfg, resume=resume, progress=progress, log=log)
+    ev = Evaluation(cfg, resume=resume, progress=progress, log=log, oracle=oracle)
     results, artifacts = ev.run()
     results["command"] = cfg.command()
     results["environment"] = report.environment(cfg.device)

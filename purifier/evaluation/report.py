@@ -144,11 +144,13 @@ def markdown_table(results: dict) -> str:
     blackbox = [r for r in results["cells"] if r["threat"] == "blackbox"]
     if blackbox:
         b = blackbox[0]["protocol"]
-        first = "the defended model's" if b["holdout_labels"] == "defended" else "true"
+        remote = b.get("oracle", "").endswith("(V2 gRPC)")
+        box = f"the served model at {b['oracle']}" if remote else "the defended model"
+        first = f"{box}'s" if b["holdout_labels"] == "defended" else "true"
         lines += ["", f"Paper black-box protocol: substitute {b['substitute_arch']} trained on "
                       f"{b['attacker_images']} with {first} labels, grown to {b['training_points']} points by "
                       f"Jacobian augmentation (lambda {b['lambda']:g}, {b['rounds']} rounds of "
-                      f"{b['epochs_per_round']} epochs), every new point labelled by the defended model "
+                      f"{b['epochs_per_round']} epochs), every new point labelled by {box} "
                       f"({b['oracle_queries']} queries); FGSM on the substitute, measured on {b['measured_images']}. "
                       f"Substitute accuracy on those clean images: {_acc(blackbox[0]['substitute_clean_accuracy'])}."]
     adaptive = [r for r in results["cells"] if r["threat"] == "adaptive" and r["attack"] != "manifold"]

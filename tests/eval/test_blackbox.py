@@ -169,3 +169,36 @@ def test_blackbox_settings_are_checked(tiny_model_dir, tiny_data_dir, tmp_path):
     with pytest.raises(ConfigError, match="holdout"):   # the tiny test split has 120 images
         run_evaluation(_config(tiny_model_dir, tiny_data_dir, tmp_path / "o", blackbox_holdout=120),
                        progress=False, log=lambda *_: None)
+
+
+def test_eval_blackbox_can_ask_an_outside_oracle_instead_of_its_own_defended_model(tiny_model_dir, tiny_data_dir,
+                                                                                     tmp_path, constant_purifier):
+    """--blackbox-oracle: every label the substitute trains on is the oracle's (here: class 7 for
+    every query, unlike the local defended model's grey class), asked once per point and kept
+    for a resumed run; the purified column is still the local defended model."""
+    from purifier import data
+    from purifier.errors import ConfigError
+
+    asked = []
+
+    def oracle(x):
+        asked.append(len(x))
+        return torch.full((len(x),), 7, dtype=torch.int64)
+
+    out = tmp_path / "bb-oracle"
+    cfg = _config(tiny_model_dir, tiny_data_dir, out, blackbox_oracle="10.0.0.1:8081")
+    with pytest.raises(ConfigError, match="oracle"):
+        run_evaluation(cfg, progress=False, log=lambda *_: None)          # an address but nobody to ask it
+    results = run_evaluation(cfg, progress=False, log=lambda *_: None, oracle=oracle)
+    (row,) = results["cells"]
+    p = row["protocol"]
+    assert asked == [6, 6] and p["oracle_queries"] == 12
+    assert p["label_counts"] == [0] * 7 + [12] + [0] * 2
+    assert p["oracle"] == "10.0.0.1:8081 model classifier (V2 gRPC)"
+    c = _grey_class(tiny_model_dir)
+    eval_y = data.load("mnist", "test", tiny_data_dir).labels[6:14]
+    assert row["purified"]["correct"] == int((eval_y == c).sum())     # measured with the local models
+    assert "labelled by the served model at 10.0.0.1:8081" in (out / "results.md").read_text()
+    assert "--blackbox-oracle 10.0.0.1:8081" in results["command"]
+    run_evaluation(cfg, resume=True, progress=False, log=lambda *_: None, oracle=oracle)
+    assert asked == [6, 6]                                               # a resumed run asks again for nothing
