@@ -4,7 +4,9 @@ black-box attacker sees the defence (``purifier eval --attacks blackbox --blackb
 
 The attacker knows the address, the model name and nothing else. The input's name and
 datatype come from ``ModelMetadata`` (the first input; FP32 in [0, 1] or UINT8 images,
-NCHW); the answer is the ``label`` output when the model has one (the shipped classifier and
+NCHW); images per request: ``batch_size`` (64, `purifier serve`'s default limit), lowered to
+``ModelConfig``'s ``max_batch_size`` where the server answers ModelConfig (purifier does when
+its downstream does; the reference classifier, like MLServer, does not); the answer is the ``label`` output when the model has one (the shipped classifier and
 a purifier in front of it do), else the arg-max of the first output (logits or
 probabilities, [B, classes]).
 """
@@ -28,7 +30,7 @@ class RemoteLabels:
     -> (N,) int64, asked ``batch_size`` images per request. ``queries`` counts the images asked."""
 
     def __init__(self, address: str, model: str = "classifier", *, timeout_s: float = 300.0,
-                 batch_size: int = 256, max_message_bytes: int = 64 * 1024 * 1024):
+                 batch_size: int = 64, max_message_bytes: int = 64 * 1024 * 1024):
         if batch_size < 1:
             raise ConfigError(f"oracle batch size must be >= 1, got {batch_size}")
         self.address, self.model, self.timeout_s, self.batch_size = address, model, timeout_s, batch_size
@@ -46,6 +48,12 @@ class RemoteLabels:
                               f"{self.input_datatype}; images are sent as FP32 or UINT8")
         names = [o.name for o in meta.outputs]
         self.output_name = "label" if "label" in names else names[0]
+        try:  # ask no more images per request than the server takes (its config's max_batch_size)
+            limit = self._stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=timeout_s).config.max_batch_size
+        except grpc.RpcError:  # a server without ModelConfig: batch_size as given
+            limit = 0
+        if limit > 0:
+            self.batch_size = min(self.batch_size, limit)
 
     def _call(self, method: str, request):
         try:

@@ -155,7 +155,13 @@ class V2:
                            deadline: float | None = None) -> pb.ModelConfigResponse:
         if name != PURIFIER_MODEL:
             downstream = self.plane.need_downstream(name)
-            return await downstream.model_config(self._target(name), version, deadline)
+            response = await downstream.model_config(self._target(name), version, deadline)
+            # Through purifier a pass-through model takes at most what purifier's batcher takes: a
+            # client that sizes its requests by this config must not be refused for it.
+            ours = self.plane.models.for_name(name).check().engine.limits.max_batch_size
+            theirs = response.config.max_batch_size
+            response.config.max_batch_size = min(theirs, ours) if theirs > 0 else ours
+            return response
         return pb.ModelConfigResponse(config=self.config)
 
     async def model_statistics(self, name: str = "", version: str = "",
