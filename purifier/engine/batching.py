@@ -12,6 +12,12 @@ so under load batches fill without any delay.
 - Requests with different options (L, R) cannot share a batch; a request with a seed runs
   alone, so the same seed gives the same answer whatever else is in flight.
 - At most ``max_queue_size`` requests wait; the next is refused at once (OverloadedError).
+- A request is refused on arrival, in microseconds instead of after its whole wait, when its
+  deadline cannot be met by the same estimate the dispatch-time drop uses (``_estimate``,
+  below), summed over the batches queued ahead of it and the running batch's remainder:
+  DeadlineError when its own batch alone would outlast the deadline (what dispatch would
+  decide, decided without the wait), OverloadedError (``rejected{reason="backlog"}``: retry
+  on another replica) when the work ahead of it would. No estimate, no refusal.
 - A request whose deadline passed while it waited is dropped before compute (DeadlineError);
   one whose caller went away is dropped too. So is one whose time left is shorter than the
   last batch of the same options and at least its size took (``_estimate``): it would be
@@ -28,6 +34,7 @@ The batcher is built whole: it is given the function that computes a batch (norm
 ``Engine.project``) and the executor to run it in. With ``metrics`` it records queue
 depth, queue time, refusals (``rejected{reason}``: queue_full, shutdown; deadline and
 cancelled: dropped from the queue before compute, its deadline passed or its caller gone;
+backlog: refused on arrival, the work ahead of it longer than its deadline;
 abandoned: a request of a batch stopped because none of its callers waited), each batch's
 size and compute time, and (``batch_done``) how many requests shared it.
 """
@@ -81,6 +88,8 @@ class Batcher:
         self._compute_s = 0.0   # the last batch's compute time, set in the executor thread
         # options (seed aside) -> images in a batch -> (its last compute time, when), for _estimate
         self._took: dict[ProjectionConfig, dict[int, tuple[float, float]]] = {}
+        self._running: tuple[ProjectionConfig, int, float] | None = None  # options, images, start
+
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
@@ -97,12 +106,45 @@ class Batcher:
         if len(self._queue) >= self.max_queue_size:
             self._reject("queue_full")
             raise OverloadedError(f"queue full ({self.max_queue_size} requests waiting); retry later")
+        if deadline is not None:
+            self._admit(x.shape[0], cfg, deadline)
         key = cfg if cfg.seed is None else (cfg, object())
         item = _Item(x, cfg, key, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         self._depth_changed()
         self._wake.set()
         return await item.future
+
+    def _admit(self, images: int, cfg: ProjectionConfig, deadline: float) -> None:
+        """Refuse now a request that cannot finish in time (see the module's docstring)."""
+        now = time.monotonic()
+        left = deadline - now
+        own = self._estimate(cfg, images) or 0.0
+        if own > left:   # what _drop_stale would decide at dispatch with an empty queue, decided now
+            self._reject("deadline")
+            raise DeadlineError(f"{left:.2f} s of its deadline left, and a batch like this one takes about {own:.2f} s; "
+                                "refused on arrival (retry with a longer deadline, or fewer images or steps)")
+        groups: dict[Hashable, list] = {}   # in the order their first request arrived
+        for it in self._queue:
+            g = groups.setdefault(it.key, [it.cfg, 0])
+            g[1] += it.x.shape[0]
+        mine = cfg if cfg.seed is None else None
+        if mine in groups:   # it joins that group's batches: the groups after it need not run first
+            keys = list(groups)
+            groups = {k: groups[k] for k in keys[:keys.index(mine) + 1]}
+            groups[mine][1] += images
+            own = 0.0
+        m = self.max_batch_size
+        ahead = sum((self._estimate(c, m) or 0.0) * (n // m) + (self._estimate(c, n % m) or 0.0 if n % m else 0.0)
+                    for c, n in groups.values())
+        running = self._running
+        if running is not None:
+            ahead += max(0.0, (self._estimate(running[0], running[1]) or 0.0) - (now - running[2]))
+        if ahead + own > left:
+            self._reject("backlog")
+            raise OverloadedError(f"about {ahead:.2f} s of work is queued ahead ({len(self._queue)} requests) and "
+                                  f"{left:.2f} s of its deadline left; refused on arrival: retry on another "
+                                  "replica or later")
 
     async def close(self) -> None:
         """Refuse new work, finish what is queued, stop the worker."""
@@ -175,7 +217,11 @@ class Batcher:
     def _compute(self, x: torch.Tensor, cfg: ProjectionConfig, should_stop: Callable[[], bool]):
         """One batch, in the executor's thread (timed there, so queueing is not counted)."""
         start = time.perf_counter()
-        out = self.compute(x, cfg, should_stop=should_stop)
+        self._running = (cfg, x.shape[0], time.monotonic())
+        try:
+            out = self.compute(x, cfg, should_stop=should_stop)
+        finally:
+            self._running = None
         self._compute_s = time.perf_counter() - start
         self._took.setdefault(cfg.with_(seed=None), {})[x.shape[0]] = (self._compute_s, time.monotonic())
         if self.metrics is not None:

@@ -214,3 +214,40 @@ def test_request_whose_deadline_passes_in_the_queue_is_not_computed(aloop, tiny_
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert 3 not in seen                                            # dropped before compute
         clients.close()
+
+
+def test_a_request_that_cannot_finish_is_refused_on_arrival_not_after_its_wait():
+    """Refusal at admission (issue 11): with ~0.3 s batches measured, one batch running and
+    two queued ahead, a request with 0.4 s left is refused at once (UNAVAILABLE: the work ahead
+    is longer; counted `backlog`); one whose own batch is longer than its deadline is refused
+    at once too (DEADLINE_EXCEEDED, as dispatch would); one with time enough is served; before
+    anything was measured nothing is refused."""
+    calls = []
+
+    def slow(x, cfg, **kw):
+        time.sleep(0.3)
+        return fake_compute(calls)(x, cfg)
+
+    async def go(b):
+        x = torch.zeros(2, 1, 2, 2)
+        other = FAST.with_(steps=7)
+        # nothing measured yet: a short deadline is admitted (and may miss it at dispatch)
+        await asyncio.gather(b.submit(x, FAST, deadline=time.monotonic() + 0.05), return_exceptions=True)
+        await b.submit(x, FAST)                                       # measured: a batch of 2 takes ~0.3 s
+        await b.submit(x, other)
+        running = asyncio.ensure_future(b.submit(x, FAST))
+        await asyncio.sleep(0.05)                                     # computing now
+        queued = [asyncio.ensure_future(b.submit(x, other)), asyncio.ensure_future(b.submit(x, FAST.with_(steps=9)))]
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        with pytest.raises(OverloadedError, match="queued ahead .* refused on arrival") as e:
+            await b.submit(x, FAST.with_(steps=9), deadline=time.monotonic() + 0.4)
+        assert time.monotonic() - t0 < 0.05                           # at once, not after a wait
+        with pytest.raises(DeadlineError, match="refused on arrival"):
+            await b.submit(x, other, deadline=time.monotonic() + 0.1)   # its own batch alone takes 0.3 s
+        served = await b.submit(x, other, deadline=time.monotonic() + 10)
+        await asyncio.gather(running, *queued)
+        return str(e.value), served
+
+    message, served = run_batcher(go, slow, max_batch_size=2, max_queue_delay_s=0)
+    assert served[0].shape == (2, 1, 2, 2)
