@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 
+# oneDNN primitives kept by a server (oneDNN's default: 1,024); see run().
+PRIMITIVE_CACHE_CAPACITY = 4096
+
 HELP = ("serve purification over gRPC: purifier.v1 and the Open Inference Protocol (KServe V2), "
         "forwarding to a downstream classifier")
 
@@ -19,6 +22,14 @@ def run(args) -> int:
     # load 9, one 1-image request took 2-25 s with spinning and 0.5 s without (1 thread: 0.6 s;
     # docs/service.md, Hardening). OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # oneDNN keeps a primitive per layer, pass and input shape, 1,024 by default. A server runs
+    # every batch size up to --max-batch-size, before and after pruning: 3,230 primitives for
+    # 1-64 images at the fast preset. At 1,024 they were rebuilt on every sweep, each a long-lived
+    # allocation among the projection thread's freed activations, and glibc kept more and more:
+    # RSS 1,393 -> 1,580 -> 1,675 MB over three sweeps, flat at 1,534 MB with 4,096 and less CPU
+    # (issue 11; docs/service.md, Soak). An explicit ONEDNN_/DNNL_PRIMITIVE_CACHE_CAPACITY wins.
+    if "DNNL_PRIMITIVE_CACHE_CAPACITY" not in os.environ:
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
     from ..server import serve
     from ..settings import kserve_ignored, serve_settings
 
