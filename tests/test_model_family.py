@@ -61,17 +61,29 @@ def paper_critic(state: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
-def test_shipped_models_load_unchanged_and_are_the_papers_networks(dataset):
+def test_shipped_models_load_unchanged_and_are_the_papers_networks(dataset, tmp_path):
     model_dir = ROOT / "models" / dataset
     bundle = checkpoint.load_bundle(model_dir)
     assert bundle.image_shape == (1, 28, 28) and bundle.generator.config["blocks"] == 3
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "generator.safetensors"), framework="pt") as f:
-        assert "blocks" not in json.loads(f.metadata()["config"])     # saved before the family existed
+        meta = f.metadata()
+        assert json.loads(meta["config"]).get("blocks", 3) == 3
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     z = torch.randn(6, bundle.latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(bundle.generator(z), paper_generator(bundle.generator.state_dict(), z))
+    # A file saved before the family existed (no "blocks" in its config, as the generators
+    # shipped until 2026-11-27's second lease) loads to the same network.
+    from safetensors.torch import save_file
+
+    old = json.loads(meta["config"])
+    old.pop("blocks", None)
+    save_file(tensors, str(tmp_path / "generator.safetensors"), metadata={**meta, "config": json.dumps(old)})
+    legacy = checkpoint.load_module(tmp_path / "generator.safetensors", "generator")
+    with torch.no_grad():
+        assert legacy.config["blocks"] == 3 and torch.equal(legacy(z), bundle.generator(z))
         critic = checkpoint.load_module(model_dir / "critic.safetensors", "critic")
         x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
         assert torch.equal(critic(x), paper_critic(critic.state_dict(), x))
