@@ -218,12 +218,23 @@ class Batcher:
         """One batch, in the executor's thread (timed there, so queueing is not counted)."""
         start = time.perf_counter()
         self._running = (cfg, x.shape[0], time.monotonic())
+        took = self._took.setdefault(cfg.with_(seed=None), {})
         try:
             out = self.compute(x, cfg, should_stop=should_stop)
+        except Abandoned:
+            # It ran this long and was not done: a lower bound that keeps the estimate alive.
+            # Without it, under overload every batch was abandoned, none renewed the estimate,
+            # it expired, and from then on nothing was refused on arrival or dropped at dispatch
+            # (a 15-minute soak at ~4x capacity: 10,183 requests abandoned part-way).
+            ran, now = time.perf_counter() - start, time.monotonic()
+            last = took.get(x.shape[0])
+            fresh = last is not None and now - last[1] <= ESTIMATE_TTL_S
+            took[x.shape[0]] = (max(ran, last[0]) if fresh else ran, now)
+            raise
         finally:
             self._running = None
         self._compute_s = time.perf_counter() - start
-        self._took.setdefault(cfg.with_(seed=None), {})[x.shape[0]] = (self._compute_s, time.monotonic())
+        took[x.shape[0]] = (self._compute_s, time.monotonic())
         if self.metrics is not None:
             self.metrics.projection_seconds.observe(self._compute_s)
             self.metrics.batch_size.observe(x.shape[0])

@@ -251,3 +251,30 @@ def test_a_request_that_cannot_finish_is_refused_on_arrival_not_after_its_wait()
 
     message, served = run_batcher(go, slow, max_batch_size=2, max_queue_delay_s=0)
     assert served[0].shape == (2, 1, 2, 2)
+
+
+def test_an_abandoned_batch_still_teaches_the_estimate():
+    """Under overload whole batches are abandoned; if they taught nothing, the estimate would
+    expire and every doomed request would be computed again. An abandoned batch records how
+    long it ran (a lower bound): the next request that cannot finish is refused on arrival."""
+    calls = []
+
+    def slow(x, cfg, should_stop=None):
+        calls.append(x.shape[0])
+        for _ in range(100):                      # 1 s of work, stopping when nobody waits
+            if should_stop is not None and should_stop():
+                from purifier.projection import Abandoned
+                raise Abandoned("nobody waits")
+            time.sleep(0.01)
+        return fake_compute([])(x, cfg)
+
+    async def go(b):
+        x = torch.zeros(2, 1, 2, 2)
+        with pytest.raises(Exception):            # its caller leaves after 0.3 s: abandoned
+            await asyncio.wait_for(b.submit(x, FAST, deadline=time.monotonic() + 0.3), 0.3)
+        await asyncio.sleep(0.1)                  # the batch notices and stops
+        with pytest.raises(DeadlineError, match="refused on arrival"):
+            await b.submit(x, FAST, deadline=time.monotonic() + 0.1)
+
+    run_batcher(go, slow, max_batch_size=2, max_queue_delay_s=0)
+    assert calls == [2]                           # the second request was never computed
