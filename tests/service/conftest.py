@@ -167,3 +167,34 @@ def v2_outputs(resp: v2_pb.ModelInferResponse) -> dict[str, np.ndarray]:
     dts = {"FP32": "<f4", "UINT8": "u1", "BOOL": "?", "INT64": "<i8"}
     return {o.name: np.frombuffer(raw, dtype=dts[o.datatype]).reshape(tuple(o.shape))
             for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+
+
+SERVE_ENV_PROBE = """
+import json, os, sys, types
+seen = {}
+fake = types.ModuleType("purifier.server")
+def serve(settings):
+    seen.update({name: os.environ.get(name) for name in sys.argv[2:]})
+    seen["torch_loaded"] = "torch" in sys.modules
+    return 0
+fake.serve = serve
+sys.modules["purifier.server"] = fake
+from purifier import cli
+assert cli.main(["serve", "--model-dir", sys.argv[1], "--downstream", "none"]) == 0
+print(json.dumps(seen))
+"""
+
+
+def environment_serve_runs_with(tmp_path, env: dict, names) -> dict:
+    """The values of environment variables ``names`` when ``purifier serve`` (in a fresh
+    process with ``env``) hands over to the server, and whether torch was imported by then:
+    what the process-wide settings serve makes before torch loads end up as."""
+    import json
+    import subprocess
+    import sys
+
+    d = make_model_dir(tmp_path)
+    out = subprocess.run([sys.executable, "-c", SERVE_ENV_PROBE, str(d), *names], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -261,36 +261,17 @@ def test_an_eager_step_is_abandoned_at_a_layer_not_only_between_steps(tiny_model
     assert len(asked) == 3 + layers
 
 
-SERVE_PROBE = """
-import os, sys, types
-seen = {}
-fake = types.ModuleType("purifier.server")
-def serve(settings):
-    seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
-    seen["torch_loaded"] = "torch" in sys.modules
-    return 0
-fake.serve = serve
-sys.modules["purifier.server"] = fake
-from purifier import cli
-assert cli.main(["serve", "--model-dir", sys.argv[1], "--downstream", "none"]) == 0
-print(seen["policy"], seen["torch_loaded"])
-"""
-
-
 @pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_serve_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path, preset, expected):
     import os
-    import subprocess
-    import sys
+
+    from .conftest import environment_serve_runs_with
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    d = make_model_dir(tmp_path)
-    out = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(d)], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [expected, "False"]        # set while torch was not yet imported
+    seen = environment_serve_runs_with(tmp_path, env, ["OMP_WAIT_POLICY"])
+    assert (seen["OMP_WAIT_POLICY"], seen["torch_loaded"]) == (expected, False)   # set before torch loaded
 
 
 # --- no compute for a request that cannot finish in time ---------------------------------------

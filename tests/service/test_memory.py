@@ -8,29 +8,12 @@ cache room for them before torch loads (docs/service.md, Soak)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from purifier.commands.serve import PRIMITIVE_CACHE_CAPACITY
 
-from .conftest import make_model_dir
-
-SERVE_PROBE = """
-import os, sys, types
-seen = {}
-fake = types.ModuleType("purifier.server")
-def serve(settings):
-    seen["capacity"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "unset")
-    seen["torch_loaded"] = "torch" in sys.modules
-    return 0
-fake.serve = serve
-sys.modules["purifier.server"] = fake
-from purifier import cli
-assert cli.main(["serve", "--model-dir", sys.argv[1], "--downstream", "none"]) == 0
-print(seen["capacity"], seen["torch_loaded"])
-"""
+from .conftest import environment_serve_runs_with
 
 NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 
@@ -43,9 +26,5 @@ NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 def test_serve_gives_onednn_room_for_every_batch_shape_before_torch_loads(tmp_path, preset, expected):
     env = {k: v for k, v in os.environ.items() if k not in NAMES}
     env.update(preset)
-    d = make_model_dir(tmp_path)
-    out = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(d)], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [expected, "False"]        # set while torch was not yet imported
-
+    seen = environment_serve_runs_with(tmp_path, env, NAMES[:1])
+    assert (seen[NAMES[0]] or "unset", seen["torch_loaded"]) == (expected, False)   # set before torch loaded
