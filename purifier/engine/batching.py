@@ -90,7 +90,6 @@ class Batcher:
         self._took: dict[ProjectionConfig, dict[int, tuple[float, float]]] = {}
         self._running: tuple[ProjectionConfig, int, float] | None = None  # options, images, start
 
-
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="purifier-batcher")
 
@@ -134,12 +133,14 @@ class Batcher:
             groups = {k: groups[k] for k in keys[:keys.index(mine) + 1]}
             groups[mine][1] += images
             own = 0.0
+        def takes(c: ProjectionConfig, n: int) -> float:   # a batch of n images; 0 when unknown
+            return (self._estimate(c, n) or 0.0) if n else 0.0
+
         m = self.max_batch_size
-        ahead = sum((self._estimate(c, m) or 0.0) * (n // m) + (self._estimate(c, n % m) or 0.0 if n % m else 0.0)
-                    for c, n in groups.values())
+        ahead = sum(takes(c, m) * (n // m) + takes(c, n % m) for c, n in groups.values())
         running = self._running
         if running is not None:
-            ahead += max(0.0, (self._estimate(running[0], running[1]) or 0.0) - (now - running[2]))
+            ahead += max(0.0, takes(running[0], running[1]) - (now - running[2]))
         if ahead + own > left:
             self._reject("backlog")
             raise OverloadedError(f"about {ahead:.2f} s of work is queued ahead ({len(self._queue)} requests) and "
