@@ -28,7 +28,9 @@ so under load batches fill without any delay.
 - A running batch is abandoned once all its callers are gone (cancelled, or past their
   deadline): ``compute`` is given ``should_stop``, which the projection asks between steps,
   so abandoned work stops within one step instead of running to its end.
-- A batch that fails fails each of its requests with that error.
+- A batch that fails fails each of its requests with that error. So does a bug in the batcher's
+  own bookkeeping: the worker logs it and goes on with the next batch, so one bad batch can
+  never leave the server answering health checks while its queue is never served again.
 
 The batcher is built whole: it is given the function that computes a batch (normally
 ``Engine.project``) and the executor to run it in. With ``metrics`` it records queue
@@ -42,6 +44,7 @@ size and compute time, and (``batch_done``) how many requests shared it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -56,8 +59,10 @@ from ..projection import Abandoned, ProjectionConfig
 # compute(x, cfg, should_stop=...) -> (images, errors); should_stop() -> True: abandon the batch
 Compute = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
+log = logging.getLogger("purifier.batcher")
 
-@dataclass
+
+@dataclass(eq=False)   # compared by identity: field-wise == would compare the image tensors
 class _Item:
     x: torch.Tensor            # (b, C, H, W)
     cfg: ProjectionConfig
@@ -155,7 +160,6 @@ class Batcher:
             await self._task
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._closed:
@@ -163,30 +167,40 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = await self._next_batch()
-            live = self._drop_stale(batch)
-            if not live:
-                continue
-            x = torch.cat([it.x for it in live])                     # (N, C, H, W)
+            batch: list[_Item] = []
             try:
-                images, errors = await loop.run_in_executor(self.executor, self._compute, x, live[0].cfg,
-                                                            _nobody_waits(live))
-            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
-                if isinstance(exc, Abandoned):  # counted once per request nobody waited for
-                    for _ in live:
-                        self._reject("abandoned")
-                for it in live:
+                batch = await self._next_batch()
+                await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug here: fail this batch, keep serving the queue
+                log.exception("batcher: a batch of %d requests failed outside its computation", len(batch))
+                for it in batch:
                     if not it.future.done():
                         it.future.set_exception(exc)
-                continue
-            if self.metrics is not None:   # each request is charged the whole batch, as Triton counts it
-                self.metrics.batch_done(len(live), x.shape[0], self._compute_s)
-            start = 0
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        live = self._drop_stale(batch)
+        if not live:
+            return
+        x = torch.cat([it.x for it in live])                     # (N, C, H, W)
+        try:
+            images, errors = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, x, live[0].cfg, _nobody_waits(live))
+        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+            if isinstance(exc, Abandoned):  # counted once per request nobody waited for
+                for _ in live:
+                    self._reject("abandoned")
             for it in live:
-                b = it.x.shape[0]
                 if not it.future.done():
-                    it.future.set_result((images[start:start + b], errors[start:start + b]))
-                start += b
+                    it.future.set_exception(exc)
+            return
+        if self.metrics is not None:   # each request is charged the whole batch, as Triton counts it
+            self.metrics.batch_done(len(live), x.shape[0], self._compute_s)
+        start = 0
+        for it in live:
+            b = it.x.shape[0]
+            if not it.future.done():
+                it.future.set_result((images[start:start + b], errors[start:start + b]))
+            start += b
 
     async def _next_batch(self) -> list[_Item]:
         first = self._queue[0]
@@ -202,7 +216,7 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
         batch, total = [], 0
-        for it in list(self._queue):
+        for it in self._queue:
             if it.key != first.key:
                 continue
             b = it.x.shape[0]
@@ -210,7 +224,8 @@ class Batcher:
                 break
             batch.append(it)
             total += b
-            self._queue.remove(it)
+        taken = {id(it) for it in batch}
+        self._queue = [it for it in self._queue if id(it) not in taken]
         self._last_batch_requests = len(batch)
         self._depth_changed()
         return batch

@@ -69,6 +69,58 @@ def test_batcher_groups_by_options_and_runs_seeded_requests_alone():
     assert sizes == [(1, 5, None), (1, FAST.steps, 3), (1, FAST.steps, 3), (2, FAST.steps, None)]
 
 
+def test_a_queue_of_mixed_options_is_served_whole():
+    # Each request brings its own tensor, as in the server. Taking a batch out of a queue that
+    # holds other options' requests ahead of it once compared the queued items field by field
+    # (tensors included), which raised inside the worker and stopped it: every later request
+    # waited forever while health checks still said SERVING (found by scripts/serve_check.py).
+    calls = []
+    cfgs = [FAST, FAST.with_(seed=3), FAST.with_(steps=5), FAST.with_(seed=4), FAST]
+
+    async def go(b):
+        for _ in range(3):   # the worker must still be there for the next round
+            xs = [torch.full((1, 1, 2, 2), i / 10) for i in range(len(cfgs))]
+            out = await asyncio.wait_for(asyncio.gather(*(b.submit(x, c) for x, c in zip(xs, cfgs))), 5)
+            for x, (images, _) in zip(xs, out):
+                np.testing.assert_allclose(images, x.numpy() * 0.5)
+        return b._task.done()
+
+    assert run_batcher(go, fake_compute(calls)) is False
+    assert sum(n for n, _ in calls) == 3 * len(cfgs)
+
+
+def test_a_bug_in_the_batchers_bookkeeping_fails_that_batch_and_the_next_is_served(caplog):
+    class Metrics:   # batch_done raises once, after the batch computed
+        failed = False
+
+        def __getattr__(self, name):
+            return _Anything()
+
+        def batch_done(self, *args):
+            if not Metrics.failed:
+                Metrics.failed = True
+                raise ValueError("bookkeeping bug")
+
+    async def go(b):
+        first = await asyncio.gather(b.submit(torch.zeros(1, 1, 2, 2), FAST), return_exceptions=True)
+        second = await asyncio.wait_for(b.submit(torch.ones(1, 1, 2, 2), FAST), 5)
+        return first[0], second
+
+    with caplog.at_level("ERROR", logger="purifier.batcher"):
+        first, (images, _) = run_batcher(go, fake_compute([]), metrics=Metrics())
+    assert isinstance(first, ValueError)
+    np.testing.assert_allclose(images, 0.5)
+    assert "failed outside its computation" in caplog.text
+
+
+class _Anything:
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
 def test_a_lone_sequential_caller_does_not_wait_for_the_queue_delay():
     calls = []
 
@@ -159,6 +211,36 @@ def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, t
     batches = metric(text, "purifier_batch_size_count", model="default")
     assert metric(text, "purifier_batch_size_sum", model="default") == n                # the warm-up is not counted
     assert batches < n, f"{n} concurrent requests ran in {batches} batches: nothing merged"
+
+
+@pytest.mark.integration
+def test_concurrent_callers_with_mixed_options_are_all_answered(aloop, tiny_model_dir):
+    # default, seeded and non-default options at once: three kinds of batch in one queue
+    n = 9
+    xs = np.linspace(0.55, 1.0, n, dtype=np.float32)[:, None, None, None] * np.ones((n, 1, 8, 8), np.float32)
+    options = [pb.ProjectionOptions(), pb.ProjectionOptions(seed=7), pb.ProjectionOptions(steps=3, restarts=2)]
+    with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=100, max_batch_size=16)) as server:
+        clients = Clients(server.port)
+        results = [None] * n
+        barrier = threading.Barrier(n)
+
+        def call(i):
+            barrier.wait()
+            results[i] = clients.purifier.Purify(
+                pb.PurifyRequest(tensor=tensor(xs[i:i + 1]), options=options[i % 3]), timeout=30)
+
+        for _ in range(2):
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(r is not None for r in results)
+            for i, r in enumerate(results):
+                out = to_array(r.purification.images)[0]
+                assert r.purification.reconstruction_error[0] == pytest.approx(((xs[i] - out) ** 2).mean(), rel=1e-4)
+            results = [None] * n
+        clients.close()
 
 
 @pytest.mark.integration

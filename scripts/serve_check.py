@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Correctness of `purifier serve` under concurrent load (issue 11, item 7: the CUDA serving
+path with its per-bucket CUDA graphs). A check, not a benchmark: it fails on a wrong answer.
+
+    python scripts/serve_check.py --dataset fashion-mnist --serve-arg=--device --serve-arg=cuda \
+        --clients 32 --seconds 60 --out docs/bench/serve-check-gpu.json
+
+1. Starts a local `purifier serve` (--model-dir, extra flags from --serve-arg), or uses --address.
+2. Reference: each of --images test images purified alone with a seed (seed 1000 + i), twice;
+   the two must agree (a seeded request runs alone, so its answer cannot depend on the load).
+3. Load: --clients closed-loop callers for --seconds, mixing
+   - `seeded`: 1 image with its reference seed -> must equal the reference (max |diff| <= --tol);
+   - `default`: 1 image, server defaults (batched with other callers' images; the CUDA-graph
+     path on a GPU);
+   - `batch`: 2-8 images in one request, server defaults;
+   - `options`: 1 image at steps=20, restarts=2 (not the default: the eager path).
+   Every answer is checked: shape, finite values in [0, 1], the reported reconstruction error
+   equal to the mean squared error of the returned image to its input (--err-tol, relative),
+   and each returned image closer to its own input than to any other test image in the set
+   (no answer handed to the wrong caller or the wrong slot of a batch).
+4. Report (JSON): answers and images per kind and code, failures by check (with examples),
+   latency p50/p99 per kind, images/s, the GPU's memory in use over time (nvidia-smi, when
+   there), and what the server counted. Exit 1 on any failure, any INTERNAL, or a dead server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from purifier import data  # noqa: E402
+from purifier.proto.purifier.v1 import purifier_pb2 as pb  # noqa: E402
+from purifier.proto.purifier.v1 import purifier_pb2_grpc as pb_grpc  # noqa: E402
+from soak import counters, delta, rss_mb, start_server, wait_ready  # noqa: E402
+
+KINDS = {"seeded": 3, "default": 4, "batch": 2, "options": 1}
+
+
+def request(x: np.ndarray, **options) -> pb.PurifyRequest:
+    return pb.PurifyRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(x.shape), data=x.tobytes()),
+                            options=pb.ProjectionOptions(**options))
+
+
+def images_of(answer: pb.PurifyResponse) -> tuple[np.ndarray, np.ndarray]:
+    t = answer.purification.images
+    return (np.frombuffer(t.data, np.float32).reshape(tuple(t.shape)),
+            np.asarray(answer.purification.reconstruction_error, np.float32))
+
+
+def gpu_memory_mib() -> list[int] | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return [int(v) for v in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+class Checker:
+    def __init__(self, x: np.ndarray, ref: np.ndarray, tol: float, err_tol: float):
+        self.x, self.ref, self.tol, self.err_tol = x, ref, tol, err_tol
+        self.flat = x.reshape(len(x), -1)
+        self.failures: dict[str, int] = defaultdict(int)
+        self.examples: list[dict] = []
+        self.worst = {"seeded_max_abs_diff": 0.0, "error_max_rel_diff": 0.0}
+        self.images = defaultdict(int)
+
+    def fail(self, check: str, **detail) -> None:
+        self.failures[check] += 1
+        if len(self.examples) < 20:
+            self.examples.append({"check": check, **detail})
+
+    def check(self, kind: str, idx: list[int], answer: pb.PurifyResponse) -> None:
+        try:
+            out, err = images_of(answer)
+        except ValueError as e:
+            return self.fail("decodable", kind=kind, detail=str(e))
+        if out.shape != (len(idx),) + self.x.shape[1:] or err.shape != (len(idx),):
+            return self.fail("shape", kind=kind, shape=list(out.shape), errors=len(err))
+        self.images[kind] += len(idx)
+        if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+            self.fail("range", kind=kind)
+        flat = out.reshape(len(idx), -1)
+        own = ((flat - self.flat[idx]) ** 2).mean(1)
+        rel = np.abs(own - err) / np.maximum(own, 1e-6)
+        self.worst["error_max_rel_diff"] = max(self.worst["error_max_rel_diff"], float(rel.max()))
+        if (rel > self.err_tol).any():
+            self.fail("reported_error", kind=kind, reported=err.tolist(), recomputed=own.tolist())
+        # squared distance of each answer to every input of the set: its own must be nearest
+        d = (flat ** 2).sum(1)[:, None] - 2 * flat @ self.flat.T + (self.flat ** 2).sum(1)[None, :]
+        nearest = d.argmin(1)
+        for j, i in enumerate(idx):
+            if nearest[j] != i and d[j, nearest[j]] < d[j, i]:
+                self.fail("owner", kind=kind, slot=j, image=i, nearest=int(nearest[j]))
+        if kind == "seeded":
+            diff = float(np.abs(out[0] - self.ref[idx[0]]).max())
+            self.worst["seeded_max_abs_diff"] = max(self.worst["seeded_max_abs_diff"], diff)
+            if diff > self.tol:
+                self.fail("seeded_equals_reference", image=idx[0], max_abs_diff=diff)
+
+
+async def run(args) -> dict:
+    split = data.load(args.dataset, "test", args.data_dir)
+    x = split.images[: args.images].numpy().astype(np.float32)
+    proc, address, metrics_url = None, args.address, args.metrics_url
+    if address is None:
+        model_dir = args.model_dir or str(ROOT / "models" / args.dataset)
+        proc, address, metrics_url = start_server(model_dir, args.serve_arg or [])
+    result: dict = {"address": address, "started_here": proc is not None, "settings": vars(args).copy(),
+                    "images_in_set": len(x)}
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    try:
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            t0 = time.monotonic()
+            await wait_ready(channel, args.ready_seconds)
+            result["ready_s"] = round(time.monotonic() - t0, 1)
+            stub = pb_grpc.PurifierStub(channel)
+            # 2. reference, twice
+            refs = []
+            t0 = time.monotonic()
+            for _ in range(2):
+                answers = [await stub.Purify(request(x[i:i + 1], seed=1000 + i), timeout=args.deadline)
+                           for i in range(len(x))]
+                refs.append(np.concatenate([images_of(a)[0] for a in answers]))
+            result["reference_s"] = round(time.monotonic() - t0, 1)
+            result["reference_repeat_max_abs_diff"] = float(np.abs(refs[0] - refs[1]).max())
+            result["reference_mean_error"] = float(((refs[0] - x) ** 2).mean())
+            checker = Checker(x, refs[0], args.tol, args.err_tol)
+            if result["reference_repeat_max_abs_diff"] > args.tol:
+                checker.fail("seeded_repeat", max_abs_diff=result["reference_repeat_max_abs_diff"])
+            # 3. load
+            rng = random.Random(args.seed)
+            latency: dict[tuple[str, str], list[float]] = defaultdict(list)
+            memory, counted_before = [], counters(metrics_url)
+            end = time.monotonic() + args.seconds
+            kinds, weights = list(KINDS), list(KINDS.values())
+
+            async def caller():
+                while time.monotonic() < end:
+                    kind = rng.choices(kinds, weights)[0]
+                    n = rng.randint(2, 8) if kind == "batch" else 1
+                    idx = [rng.randrange(len(x)) for _ in range(n)]
+                    opts = {"seeded": {"seed": 1000 + idx[0]}, "options": {"steps": 20, "restarts": 2}}
+                    start = time.perf_counter()
+                    try:
+                        answer = await stub.Purify(request(x[idx], **opts.get(kind, {})), timeout=args.deadline)
+                        code = "OK"
+                    except grpc.RpcError as e:
+                        code, answer = e.code().name, None
+                    latency[(kind, code)].append(time.perf_counter() - start)
+                    if answer is not None:
+                        checker.check(kind, idx, answer)
+
+            async def sample_memory():
+                while time.monotonic() < end:
+                    memory.append([round(args.seconds - (end - time.monotonic()), 1), gpu_memory_mib(),
+                                   rss_mb(proc.pid) if proc is not None else None])
+                    await asyncio.sleep(args.sample_every)
+
+            t0 = time.monotonic()
+            await asyncio.gather(sample_memory(), *(caller() for _ in range(args.clients)))
+            took = time.monotonic() - t0
+            memory.append([round(took, 1), gpu_memory_mib(), rss_mb(proc.pid) if proc is not None else None])
+
+            def stats(values):
+                a = np.asarray(values)
+                return {"n": len(a), "p50_s": round(float(np.percentile(a, 50)), 4),
+                        "p99_s": round(float(np.percentile(a, 99)), 4)}
+            codes: dict[str, int] = defaultdict(int)
+            by_kind: dict[str, dict] = defaultdict(dict)
+            for (kind, code), values in sorted(latency.items()):
+                by_kind[kind][code] = stats(values)
+                codes[code] += len(values)
+            result.update(load_s=round(took, 1), codes=dict(codes), by_kind=by_kind,
+                          images_checked=dict(checker.images),
+                          images_per_s=round(sum(checker.images.values()) / took, 1),
+                          failures=dict(checker.failures), failure_examples=checker.examples,
+                          worst=checker.worst, memory_samples_mib=[["s", "gpu_used", "server_rss"], *memory])
+            if metrics_url:
+                result["server_counted"] = delta(counters(metrics_url), counted_before)
+            result["server_alive"] = proc is None or proc.poll() is None
+            return result
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--address", help="a running server's gRPC HOST:PORT (default: start one here)")
+    p.add_argument("--metrics-url", help="its /metrics URL, for its own counts")
+    p.add_argument("--model-dir", help="default: models/<dataset>")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--serve-arg", action="append", help="extra flag for a server started here (repeatable)")
+    p.add_argument("--images", type=int, default=64, help="test images in the set")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--deadline", type=float, default=60.0, help="each request's deadline, seconds")
+    p.add_argument("--ready-seconds", type=float, default=180)
+    p.add_argument("--tol", type=float, default=1e-4, help="seeded answers: max |pixel difference|")
+    p.add_argument("--err-tol", type=float, default=1e-3, help="reported vs recomputed error, relative")
+    p.add_argument("--sample-every", type=float, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    result = asyncio.run(run(args))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    ok = result["server_alive"] and not result["failures"] and not result["codes"].get("INTERNAL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

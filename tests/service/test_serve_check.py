@@ -1,0 +1,76 @@
+"""scripts/serve_check.py's checks: a right answer passes, each kind of wrong answer is caught."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from purifier.proto.purifier.v1 import purifier_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def serve_check():
+    spec = importlib.util.spec_from_file_location("serve_check", ROOT / "scripts" / "serve_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def answer(out: np.ndarray, errors) -> pb.PurifyResponse:
+    return pb.PurifyResponse(purification=pb.Purification(
+        images=pb.Tensor(dtype=pb.FLOAT32, shape=list(out.shape), data=out.astype(np.float32).tobytes()),
+        reconstruction_error=list(errors)))
+
+
+@pytest.fixture
+def case(serve_check):
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 4, 4), dtype=np.float32)
+    purified = np.clip(x + rng.normal(0, 0.05, x.shape).astype(np.float32), 0, 1)
+    return serve_check.Checker(x, purified, tol=1e-4, err_tol=1e-3), x, purified
+
+
+def mse(a, b):
+    return ((a - b) ** 2).reshape(len(a), -1).mean(1)
+
+
+def test_right_answers_pass(case):
+    checker, x, ref = case
+    idx = [4, 1, 1]
+    checker.check("batch", idx, answer(ref[idx], mse(ref[idx], x[idx])))
+    checker.check("seeded", [2], answer(ref[[2]], mse(ref[[2]], x[[2]])))
+    assert dict(checker.failures) == {} and checker.images == {"batch": 3, "seeded": 1}
+
+
+def test_swapped_slots_are_caught(case):
+    checker, x, ref = case
+    out = ref[[1, 4]]                       # answers for images 4 and 1, handed back swapped
+    checker.check("batch", [4, 1], answer(out, mse(out, x[[4, 1]])))
+    assert checker.failures["owner"] == 2
+
+
+def test_a_wrong_reported_error_is_caught(case):
+    checker, x, ref = case
+    checker.check("default", [0], answer(ref[[0]], mse(ref[[0]], x[[0]]) * 1.5))
+    assert checker.failures["reported_error"] == 1
+
+
+def test_a_seeded_answer_that_moved_is_caught(case):
+    checker, x, ref = case
+    out = np.clip(ref[[3]] + 0.01, 0, 1)
+    checker.check("seeded", [3], answer(out, mse(out, x[[3]])))
+    assert checker.failures["seeded_equals_reference"] == 1 and checker.worst["seeded_max_abs_diff"] > 0.005
+
+
+def test_wrong_shape_and_range_are_caught(case):
+    checker, x, ref = case
+    checker.check("batch", [0, 1], answer(ref[[0]], [0.0]))
+    bad = ref[[5]].copy()
+    bad[0, 0, 0, 0] = 1.5
+    checker.check("default", [5], answer(bad, mse(bad, x[[5]])))
+    assert checker.failures["shape"] == 1 and checker.failures["range"] == 1
