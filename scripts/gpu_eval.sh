@@ -12,7 +12,7 @@ BUDGET_S=${BUDGET_S:-230}
 N=${N:-1000}
 SWEEP_N=${SWEEP_N:-500}
 ATTACKS=${ATTACKS:-fgsm,transfer,blackbox}
-MORE=${MORE:-pgd,cw,bpda}   # second pass at the paper setting ("" skips it)
+MORE=${MORE-pgd,cw,bpda}   # second pass at the paper setting ("" skips it)
 EVAL_EXTRA=${EVAL_EXTRA:-}
 source "$(dirname "$0")/gpu_lib.sh"
 CKPT=${CKPT:-mnist}   # which run's exact checkpoint comes back (two do not fit one call's 64 MiB)

@@ -33,7 +33,7 @@ prepare)
   rm -rf "${HELD[@]}"
   grep -qx '/.lease/' .git/info/exclude 2>/dev/null || echo '/.lease/' >> .git/info/exclude
   rm -rf .lease && mkdir .lease
-  git archive HEAD purifier scripts pyproject.toml | tar -x -C .lease
+  git archive HEAD purifier scripts tests pyproject.toml | tar -x -C .lease
   ln -s ../data .lease/data && ln -s ../models .lease/models && ln -s ../runs .lease/runs
   mkdir -p data/mnist data/fashion-mnist runs
   $PY - <<'EOF'

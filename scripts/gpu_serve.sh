@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Lent-GPU call 2, second half (issue 11, item 7): the serving path on the GPU, after
+# scripts/gpu_eval.sh on the same warm machine. Run from .lease/ (scripts/lease.sh prepare):
+#   1. the wheels the device's python lacks (grpcio-health-checking; grpcio and protobuf at the
+#      versions our generated stubs need), from ../.whl when carried;
+#   2. every `gpu`-marked test, the service's included (`purifier serve` with CUDA graphs vs eager);
+#   3. scripts/serve_check.py: `purifier serve --device cuda` (per-bucket CUDA graphs: auto) with
+#      the models call 1 trained ($W/models/<ds>), 32 concurrent callers for SERVE_S seconds of
+#      seeded / default / batched / non-default requests, every answer checked;
+#   4. scripts/soak.py for SOAK_S seconds: mixed valid and hostile traffic at 2x the measured
+#      capacity (client-bound on a GPU: one Python process sends it).
+# Results: $OUT/gpu-tests.log, $OUT/serve-check-gpu.json, $OUT/soak-gpu.json, logs in $OUT/serve-logs.tar.gz.
+# CPU twin: PY=.venv/bin/python DEVICE=cpu SERVE_S=5 SOAK_S=5 OUT=/tmp/dry bash scripts/gpu_serve.sh
+set -u
+OUT=${OUT:-runs/gpu-out}
+W=${W:-runs/gpu-lease}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-200}
+SERVE_S=${SERVE_S:-45}
+SOAK_S=${SOAK_S:-30}
+DS=${DS:-fashion-mnist}
+PARTS=${PARTS:-tests serve soak}   # e.g. PARTS=tests beside gpu_eval.sh, then PARTS="serve soak" after it
+source "$(dirname "$0")/gpu_lib.sh"
+WHL=${WHL:-../.whl}
+if ls "$WHL"/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+log "python: $($PY -c 'import grpc, google.protobuf as p, torch; print(grpc.__version__, p.__version__, torch.__version__)' 2>&1)"
+MODEL=$W/models/$DS
+[ -e "$MODEL/generator.safetensors" ] || MODEL=models/$DS   # no call 1 on this machine: the shipped one
+
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+if has tests; then
+  step gpu-tests 90 $PY -m pytest -m gpu tests -o addopts='' -q -p no:cacheprovider
+  cp "$W/gpu-tests.log" "$OUT/" 2>/dev/null
+fi
+has serve && step serve-check $((SERVE_S + 60)) $PY scripts/serve_check.py --dataset $DS --data-dir data/$DS --model-dir "$MODEL" \
+  --serve-arg=--device --serve-arg=$DEVICE --clients 32 --seconds "$SERVE_S" --out "$OUT/serve-check-gpu.json"
+S=$(( $(left) - 10 )); [ "$S" -gt $((SOAK_S + 45)) ] && S=$((SOAK_S + 45))
+has soak && step soak "$S" $PY scripts/soak.py --model-dir "$MODEL" --serve-arg=--device --serve-arg=$DEVICE \
+  --duration "$SOAK_S" --calibrate-seconds 10 --deadline 5 --rss-every 5 --out "$OUT/soak-gpu.json"
+(cd "$W" && tar -czf "$OUT/serve-logs.tar.gz" --ignore-failed-read gpu-tests.log serve-check.log soak.log timeline.txt) 2>/dev/null
+log "done"
