@@ -17,8 +17,10 @@ a set time, against a local `purifier serve` (started here, or at --address).
    purifier_requests_total and purifier_rejected_total during the soak, and the load
    average before and after (on a shared CPU it decides every latency here).
 
-Valid requests: purifier.v1 Purify of 1 FP32 image; V2 ModelInfer of 4 UINT8 images; V2 of 2
-PNG files. Hostile (each must answer its code, never INTERNAL): NaN pixels, a wrong image
+Valid requests: purifier.v1 Purify of 1 FP32 image (server defaults, a seed, or steps=20
+restarts=2); V2 ModelInfer of 4 UINT8 images; V2 of 2 PNG files. With --warmup-sweep, one
+request of each batch size 1..64 (the shapes the CPU's oneDNN primitive cache must hold) goes
+first, so the RSS samples show the plateau rather than the warm-up. Hostile (each must answer its code, never INTERNAL): NaN pixels, a wrong image
 size, a request id with a newline, a PNG whose header claims 12000x12000, steps over the
 cap, a message over --max-message-bytes (only against a server started here, whose limit
 is known), a call cancelled after 20 ms, a 10 ms deadline.
@@ -90,7 +92,9 @@ def _v2(datatype: str, shape, raw: bytes = b"", blobs=None) -> v2_pb.ModelInferR
 class Traffic:
     """Builds one request of a kind: (rpc name, message, deadline override, cancel after s)."""
 
-    VALID = {"v1_1_image": 4, "v2_4_uint8": 2, "v2_2_png": 1}
+    # seeded and non-default options too: a queue that mixes options is where the batcher's
+    # worker once died (scripts/serve_check.py found it; this soak sent only default options)
+    VALID = {"v1_1_image": 4, "v2_4_uint8": 2, "v2_2_png": 1, "v1_seeded": 1, "v1_options": 1}
     HOSTILE = ["nan", "wrong_size", "bad_request_id", "huge_png_header", "steps_over_cap",
                "over_message_limit", "cancelled", "short_deadline"]
 
@@ -110,6 +114,10 @@ class Traffic:
     def make(self, kind: str):
         if kind == "v1_1_image":
             return "Purify", _v1(self.image(1)), None, None
+        if kind == "v1_seeded":
+            return "Purify", _v1(self.image(1), options=pb.ProjectionOptions(seed=self.rng.randrange(2 ** 32))), None, None
+        if kind == "v1_options":
+            return "Purify", _v1(self.image(1), options=pb.ProjectionOptions(steps=20, restarts=2)), None, None
         if kind == "v2_4_uint8":
             x = (self.image(4) * 255).astype(np.uint8)
             return "ModelInfer", _v2("UINT8", x.shape, x.tobytes()), None, None
@@ -310,6 +318,12 @@ async def main_async(args) -> dict:
             result = {"address": address, "started_here": proc is not None, "cpu_count": os.cpu_count(),
                       "load_before": [round(v, 2) for v in os.getloadavg()],
                       "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}}
+            if args.warmup_sweep:
+                t = time.monotonic()
+                stub = stubs["Purify"]
+                for n in range(1, 65):
+                    await stub.Purify(_v1(traffic.image(n)), timeout=600)
+                result["warmup_sweep"] = {"seconds": round(time.monotonic() - t, 1), "rss_mb_after": sample_rss()}
             capacity = await calibrate(stubs, traffic, args.calibrate_seconds, args.calibrate_concurrency,
                                        args.deadline)
             rate = max(capacity * args.overload, 0.5)
@@ -350,6 +364,7 @@ def main() -> int:
     p.add_argument("--max-in-flight", type=int, default=512)
     p.add_argument("--rss-every", type=float, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-sweep", action="store_true", help="first one request of each batch size 1..64")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     if not 0 <= args.invalid_share < 1:
