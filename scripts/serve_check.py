@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from purifier import data  # noqa: E402
 from purifier.proto.purifier.v1 import purifier_pb2 as pb  # noqa: E402
 from purifier.proto.purifier.v1 import purifier_pb2_grpc as pb_grpc  # noqa: E402
-from soak import counters, delta, rss_mb, start_server, wait_ready  # noqa: E402
+from soak import counters, delta, latency_stats, rss_mb, start_server, stop_server, wait_ready  # noqa: E402
 
 KINDS = {"seeded": 3, "default": 4, "batch": 2, "options": 1}
 
@@ -180,14 +179,10 @@ async def run(args) -> dict:
             took = time.monotonic() - t0
             memory.append([round(took, 1), gpu_memory_mib(), rss_mb(proc.pid) if proc is not None else None])
 
-            def stats(values):
-                a = np.asarray(values)
-                return {"n": len(a), "p50_s": round(float(np.percentile(a, 50)), 4),
-                        "p99_s": round(float(np.percentile(a, 99)), 4)}
             codes: dict[str, int] = defaultdict(int)
             by_kind: dict[str, dict] = defaultdict(dict)
             for (kind, code), values in sorted(latency.items()):
-                by_kind[kind][code] = stats(values)
+                by_kind[kind][code] = latency_stats(values)
                 codes[code] += len(values)
             result.update(load_s=round(took, 1), codes=dict(codes), by_kind=by_kind,
                           images_checked=dict(checker.images),
@@ -199,13 +194,7 @@ async def run(args) -> dict:
             result["server_alive"] = proc is None or proc.poll() is None
             return result
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 def main() -> int:

@@ -197,6 +197,17 @@ def start_server(model_dir: str, extra: list[str]) -> tuple[subprocess.Popen, st
     return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"
 
 
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """SIGTERM a server started here; SIGKILL it after 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 async def wait_ready(channel, seconds: float = 180) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -213,6 +224,11 @@ async def wait_ready(channel, seconds: float = 180) -> None:
 
 # --- load ----------------------------------------------------------------------------------
 
+def latency_stats(values) -> dict:
+    a = np.asarray(values)
+    return {"n": len(a), "p50_s": round(float(np.percentile(a, 50)), 4), "p99_s": round(float(np.percentile(a, 99)), 4)}
+
+
 class Recorder:
     def __init__(self):
         self.latency: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -222,10 +238,7 @@ class Recorder:
         self.latency[(kind, code)].append(seconds)
 
     def report(self) -> dict:
-        def stats(values):
-            a = np.asarray(values)
-            return {"n": len(a), "p50_s": round(float(np.percentile(a, 50)), 4),
-                    "p99_s": round(float(np.percentile(a, 99)), 4)}
+        stats = latency_stats
         by_kind: dict[str, dict] = defaultdict(dict)
         codes: dict[str, int] = defaultdict(int)
         for (kind, code), values in sorted(self.latency.items()):
@@ -340,13 +353,7 @@ async def main_async(args) -> dict:
             result["server_alive"] = proc is None or proc.poll() is None
             return result
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 def main() -> int:

@@ -28,6 +28,22 @@ def fake_compute(calls):
     return compute
 
 
+def at_once(n, call):
+    """call(i) for i < n from n threads released together; their results (None where one raised)."""
+    results, barrier = [None] * n, threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        results[i] = call(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def run_batcher(coro_fn, compute, **kw):
     async def main():
         params = dict(max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16)
@@ -81,8 +97,8 @@ def test_a_queue_of_mixed_options_is_served_whole():
         for _ in range(3):   # the worker must still be there for the next round
             xs = [torch.full((1, 1, 2, 2), i / 10) for i in range(len(cfgs))]
             out = await asyncio.wait_for(asyncio.gather(*(b.submit(x, c) for x, c in zip(xs, cfgs))), 5)
-            for x, (images, _) in zip(xs, out):
-                np.testing.assert_allclose(images, x.numpy() * 0.5)
+            for x, (purified, _) in zip(xs, out):
+                np.testing.assert_allclose(purified, x.numpy() * 0.5)
         return b._task.done()
 
     assert run_batcher(go, fake_compute(calls)) is False
@@ -188,18 +204,7 @@ def test_concurrent_callers_each_get_their_own_answer_in_merged_batches(aloop, t
     xs = np.linspace(0.55, 1.0, n, dtype=np.float32)[:, None, None, None] * np.ones((n, 1, 8, 8), np.float32)
     with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=100, max_batch_size=16)) as server:
         clients = Clients(server.port)
-        results = [None] * n
-        barrier = threading.Barrier(n)
-
-        def call(i):
-            barrier.wait()
-            results[i] = clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(xs[i:i + 1])), timeout=60)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = at_once(n, lambda i: clients.purifier.Purify(pb.PurifyRequest(tensor=tensor(xs[i:i + 1])), timeout=60))
         text = scrape(server)
         clients.close()
     for i, r in enumerate(results):
@@ -221,25 +226,13 @@ def test_concurrent_callers_with_mixed_options_are_all_answered(aloop, tiny_mode
     options = [pb.ProjectionOptions(), pb.ProjectionOptions(seed=7), pb.ProjectionOptions(steps=3, restarts=2)]
     with running(aloop, settings_for(tiny_model_dir, max_queue_delay_ms=100, max_batch_size=16)) as server:
         clients = Clients(server.port)
-        results = [None] * n
-        barrier = threading.Barrier(n)
-
-        def call(i):
-            barrier.wait()
-            results[i] = clients.purifier.Purify(
-                pb.PurifyRequest(tensor=tensor(xs[i:i + 1]), options=options[i % 3]), timeout=30)
-
-        for _ in range(2):
-            threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        for _ in range(2):   # the second round finds the same batcher still serving
+            results = at_once(n, lambda i: clients.purifier.Purify(
+                pb.PurifyRequest(tensor=tensor(xs[i:i + 1]), options=options[i % 3]), timeout=30))
             assert all(r is not None for r in results)
             for i, r in enumerate(results):
                 out = to_array(r.purification.images)[0]
                 assert r.purification.reconstruction_error[0] == pytest.approx(((xs[i] - out) ** 2).mean(), rel=1e-4)
-            results = [None] * n
         clients.close()
 
 
