@@ -89,6 +89,65 @@ class Generator(nn.Module):
         return x                                                                 # (N, C, H, W)
 
 
+def subpixel_weights(deconv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's 5x5 stride-2 transposed convolution (padding 2, output padding 1) as a
+    3x3 convolution (padding 1) with 4x the output channels, to be followed by a 2x pixel
+    shuffle: output pixel (2i + a, 2j + b) only ever sees inputs i-1..i+1, j-1..j+1, through
+    kernel tap (a + 4 - 2t, b + 4 - 2u) for input offset (t - 1, u - 1) (taps outside 0..4
+    are zero). Returns (weight (4*Cout, Cin, 3, 3), bias (4*Cout,)), channel c*4 + 2a + b as
+    ``F.pixel_shuffle`` expects."""
+    w = deconv.weight.detach()                                   # (Cin, Cout, 5, 5)
+    cin, cout = w.shape[:2]
+    out = w.new_zeros(cout, 2, 2, cin, 3, 3)
+    for a in range(2):
+        for t in range(3):
+            k = a + 4 - 2 * t
+            if not 0 <= k <= 4:
+                continue
+            for b in range(2):
+                for u in range(3):
+                    m = b + 4 - 2 * u
+                    if 0 <= m <= 4:
+                        out[:, a, b, :, t, u] = w[:, :, k, m].T
+    bias = deconv.bias.detach() if deconv.bias is not None else w.new_zeros(cout)
+    return out.reshape(4 * cout, cin, 3, 3).contiguous(), bias.repeat_interleave(4).contiguous()
+
+
+class SubpixelGenerator(nn.Module):
+    """The function a :class:`Generator` computes, with each transposed convolution rewritten
+    as a plain 3x3 convolution and a pixel shuffle (:func:`subpixel_weights`): dense
+    convolutions whose forward and input-gradient are implicit GEMMs, instead of the strided
+    transposed convolutions that take ~98% of a latent-step (docs/speed.md; issue 15, item 3).
+    Built from a generator's weights at construction, for a frozen generator (projection):
+    later changes to the source generator's weights are not followed. Same config, so the rest
+    of purifier treats it as that generator."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.config = dict(generator.config)
+        self.latent_dim, self.image_shape = generator.latent_dim, generator.image_shape
+        self.hs, self.ws, self.widths, self.blocks = generator.hs, generator.ws, generator.widths, generator.blocks
+        self.h0, self.w0 = generator.h0, generator.w0
+        like = dict(device=generator.fc.weight.device, dtype=generator.fc.weight.dtype)
+        self.fc = nn.Linear(generator.fc.in_features, generator.fc.out_features, **like)
+        self.fc.load_state_dict(generator.fc.state_dict())
+        self.ups = nn.ModuleList()
+        for i in range(1, generator.blocks + 1):
+            weight, bias = subpixel_weights(getattr(generator, f"up{i}"))
+            conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, **like)
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+                conv.bias.copy_(bias)
+            self.ups.append(conv)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc(z)).view(-1, self.widths[0], self.h0, self.w0)
+        for i, conv in enumerate(self.ups, start=1):
+            x = nn.functional.pixel_shuffle(conv(x), 2)[:, :, : self.hs[i], : self.ws[i]]
+            x = torch.relu(x) if i < self.blocks else torch.sigmoid(x)
+        return x
+
+
 class Critic(nn.Module):
     """WGAN-GP critic: ``blocks`` 5x5 stride-2 convs (d, 2d, 4d, ...), LeakyReLU 0.2, linear -> 1.
 

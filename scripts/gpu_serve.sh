@@ -8,7 +8,10 @@
 #      the models call 1 trained ($W/models/<ds>), 32 concurrent callers for SERVE_S seconds of
 #      seeded / default / batched / non-default requests, every answer checked;
 #   4. scripts/soak.py for SOAK_S seconds: mixed valid and hostile traffic at 2x the measured
-#      capacity (client-bound on a GPU: one Python process sends it).
+#      capacity (client-bound on a GPU: one Python process sends it);
+#   5. (PARTS has "kernels"; issue 15, item 3) scripts/bench_generator_kernels.py: the latent-step
+#      as cuDNN's transposed convolutions vs sub-pixel convolutions vs explicit GEMMs, with the
+#      fp32 equivalence check, within what is left of BUDGET_S.
 # Results: $OUT/gpu-tests.log, $OUT/serve-check-gpu.json, $OUT/soak-gpu.json, logs in $OUT/serve-logs.tar.gz.
 # CPU twin: PY=.venv/bin/python DEVICE=cpu SERVE_S=5 SOAK_S=5 OUT=/tmp/dry bash scripts/gpu_serve.sh
 set -u
@@ -40,5 +43,8 @@ has serve && step serve-check $((SERVE_S + 60)) $PY scripts/serve_check.py --dat
 S=$(( $(left) - 10 )); [ "$S" -gt $((SOAK_S + 45)) ] && S=$((SOAK_S + 45))
 has soak && step soak "$S" $PY scripts/soak.py --model-dir "$MODEL" --serve-arg=--device --serve-arg=$DEVICE \
   --duration "$SOAK_S" --calibrate-seconds 10 --deadline 5 --rss-every 5 --out "$OUT/soak-gpu.json"
-(cd "$W" && tar -czf "$OUT/serve-logs.tar.gz" --ignore-failed-read gpu-tests.log serve-check.log soak.log timeline.txt) 2>/dev/null
+K=$(( $(left) - 5 )); [ "$K" -gt 60 ] && K=60
+has kernels && step kernels "$K" $PY scripts/bench_generator_kernels.py --device $DEVICE --latents "${KLATENTS:-2560,10240}" \
+  --seconds 0.5 --profile --out "$OUT/generator-kernels.json"
+(cd "$W" && tar -czf "$OUT/serve-logs.tar.gz" --ignore-failed-read gpu-tests.log serve-check.log soak.log kernels.log timeline.txt) 2>/dev/null
 log "done"
