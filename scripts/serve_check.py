@@ -13,7 +13,11 @@ path with its per-bucket CUDA graphs). A check, not a benchmark: it fails on a w
    - `default`: 1 image, server defaults (batched with other callers' images; the CUDA-graph
      path on a GPU);
    - `batch`: 2-8 images in one request, server defaults;
-   - `options`: 1 image at steps=20, restarts=2 (not the default: the eager path).
+   - `options`: 1 image at steps=20, restarts=2 (not the default: the eager path);
+   - `v2_batch`, `v2_seeded`: the same over V2 ModelInfer (model `purifier`, FP32 NCHW raw,
+     `purifier_seed`): a V2 answer with a seed must equal Purify's with that seed;
+   - `rest_batch`, `rest_seeded`: the same over V2 REST (JSON), when the server has an HTTP
+     port (one started here gets one; with --address, give --http-url).
    Every answer is checked: shape, finite values in [0, 1], the reported reconstruction error
    equal to the mean squared error of the returned image to its input (--err-tol, relative),
    and each returned image closer to its own input than to any other test image in the set
@@ -27,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,11 +51,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from purifier import data  # noqa: E402
+from purifier.proto.inference import grpc_service_pb2_grpc as v2_grpc  # noqa: E402
 from purifier.proto.purifier.v1 import purifier_pb2 as pb  # noqa: E402
+from purifier.server import v2  # noqa: E402
 from purifier.proto.purifier.v1 import purifier_pb2_grpc as pb_grpc  # noqa: E402
-from soak import counters, delta, latency_stats, rss_mb, start_server, stop_server, wait_ready  # noqa: E402
+from soak import (counters, delta, free_port, latency_stats, rss_mb, start_server, stop_server,  # noqa: E402
+                  wait_ready)
 
-KINDS = {"seeded": 3, "default": 4, "batch": 2, "options": 1}
+KINDS = {"seeded": 3, "default": 4, "batch": 2, "options": 1, "v2_batch": 2, "v2_seeded": 1,
+         "rest_batch": 1, "rest_seeded": 1}
+SEEDED = ("seeded", "v2_seeded", "rest_seeded")
 
 
 def request(x: np.ndarray, **options) -> pb.PurifyRequest:
@@ -60,6 +72,38 @@ def images_of(answer: pb.PurifyResponse) -> tuple[np.ndarray, np.ndarray]:
     t = answer.purification.images
     return (np.frombuffer(t.data, np.float32).reshape(tuple(t.shape)),
             np.asarray(answer.purification.reconstruction_error, np.float32))
+
+
+def v2_request(x: np.ndarray, seed: int | None = None):
+    r = v2.infer_request("purifier", "images", x, "FP32")
+    if seed is not None:
+        v2.set_param(r.parameters, "purifier_seed", seed)
+    return r
+
+
+def v2_images_of(answer) -> tuple[np.ndarray, np.ndarray]:
+    arrays = {name: data for name, _, data in v2.output_arrays(answer)}
+    return (np.asarray(arrays["purified"], np.float32),
+            np.asarray(arrays["reconstruction_error"], np.float32))
+
+
+class RestAnswer:
+    """A V2 REST JSON answer, read into the same (images, errors) as the gRPC ones."""
+
+    def __init__(self, body: dict):
+        outs = {o["name"]: o for o in body["outputs"]}
+        self.images = np.asarray(outs["purified"]["data"], np.float32).reshape(outs["purified"]["shape"])
+        self.errors = np.asarray(outs["reconstruction_error"]["data"], np.float32)
+
+
+def rest_call(url: str, x: np.ndarray, seed: int | None, timeout: float) -> RestAnswer:
+    body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    if seed is not None:
+        body["parameters"] = {"purifier_seed": seed}
+    req = urllib.request.Request(f"{url}/v2/models/purifier/infer", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return RestAnswer(json.loads(r.read()))
 
 
 def gpu_memory_mib() -> list[int] | None:
@@ -87,10 +131,13 @@ class Checker:
         if len(self.examples) < 20:
             self.examples.append({"check": check, **detail})
 
-    def check(self, kind: str, idx: list[int], answer: pb.PurifyResponse) -> None:
+    def check(self, kind: str, idx: list[int], answer) -> None:
         try:
-            out, err = images_of(answer)
-        except ValueError as e:
+            if kind.startswith("rest"):
+                out, err = answer.images, answer.errors
+            else:
+                out, err = v2_images_of(answer) if kind.startswith("v2") else images_of(answer)
+        except (ValueError, KeyError) as e:
             return self.fail("decodable", kind=kind, detail=str(e))
         if out.shape != (len(idx),) + self.x.shape[1:] or err.shape != (len(idx),):
             return self.fail("shape", kind=kind, shape=list(out.shape), errors=len(err))
@@ -109,7 +156,7 @@ class Checker:
         for j, i in enumerate(idx):
             if nearest[j] != i and d[j, nearest[j]] < d[j, i]:
                 self.fail("owner", kind=kind, slot=j, image=i, nearest=int(nearest[j]))
-        if kind == "seeded":
+        if kind in SEEDED:
             diff = float(np.abs(out[0] - self.ref[idx[0]]).max())
             self.worst["seeded_max_abs_diff"] = max(self.worst["seeded_max_abs_diff"], diff)
             if diff > self.tol:
@@ -119,11 +166,16 @@ class Checker:
 async def run(args) -> dict:
     split = data.load(args.dataset, "test", args.data_dir)
     x = split.images[: args.images].numpy().astype(np.float32)
-    proc, address, metrics_url = None, args.address, args.metrics_url
+    proc, address, metrics_url, http_url = None, args.address, args.metrics_url, args.http_url
     if address is None:
         model_dir = args.model_dir or str(ROOT / "models" / args.dataset)
-        proc, address, metrics_url = start_server(model_dir, args.serve_arg or [])
-    result: dict = {"address": address, "started_here": proc is not None, "settings": vars(args).copy(),
+        extra = list(args.serve_arg or [])
+        if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn")):   # REST's own packages
+            http = free_port()
+            extra += ["--http-port", str(http)]
+            http_url = f"http://127.0.0.1:{http}"
+        proc, address, metrics_url = start_server(model_dir, extra)
+    result: dict = {"address": address, "http_url": http_url, "started_here": proc is not None, "settings": vars(args).copy(),
                     "images_in_set": len(x)}
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     try:
@@ -131,7 +183,7 @@ async def run(args) -> dict:
             t0 = time.monotonic()
             await wait_ready(channel, args.ready_seconds)
             result["ready_s"] = round(time.monotonic() - t0, 1)
-            stub = pb_grpc.PurifierStub(channel)
+            stub, v2_stub = pb_grpc.PurifierStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
             # 2. reference, twice
             refs = []
             t0 = time.monotonic()
@@ -150,20 +202,31 @@ async def run(args) -> dict:
             latency: dict[tuple[str, str], list[float]] = defaultdict(list)
             memory, counted_before = [], counters(metrics_url)
             end = time.monotonic() + args.seconds
-            kinds, weights = list(KINDS), list(KINDS.values())
+            kinds = [k for k in KINDS if http_url or not k.startswith("rest")]
+            weights = [KINDS[k] for k in kinds]
 
             async def caller():
                 while time.monotonic() < end:
                     kind = rng.choices(kinds, weights)[0]
-                    n = rng.randint(2, 8) if kind == "batch" else 1
+                    n = rng.randint(2, 8) if kind.endswith("batch") else 1
                     idx = [rng.randrange(len(x)) for _ in range(n)]
                     opts = {"seeded": {"seed": 1000 + idx[0]}, "options": {"steps": 20, "restarts": 2}}
                     start = time.perf_counter()
                     try:
-                        answer = await stub.Purify(request(x[idx], **opts.get(kind, {})), timeout=args.deadline)
+                        seed = 1000 + idx[0] if kind in SEEDED else None
+                        if kind.startswith("rest"):
+                            answer = await asyncio.to_thread(rest_call, http_url, x[idx], seed, args.deadline)
+                        elif kind.startswith("v2"):
+                            answer = await v2_stub.ModelInfer(v2_request(x[idx], seed), timeout=args.deadline)
+                        else:
+                            answer = await stub.Purify(request(x[idx], **opts.get(kind, {})), timeout=args.deadline)
                         code = "OK"
                     except grpc.RpcError as e:
                         code, answer = e.code().name, None
+                    except urllib.error.HTTPError as e:
+                        code, answer = f"HTTP_{e.code}", None
+                    except (urllib.error.URLError, TimeoutError) as e:
+                        code, answer = f"HTTP_{type(e).__name__}", None
                     latency[(kind, code)].append(time.perf_counter() - start)
                     if answer is not None:
                         checker.check(kind, idx, answer)
@@ -201,6 +264,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", help="a running server's gRPC HOST:PORT (default: start one here)")
     p.add_argument("--metrics-url", help="its /metrics URL, for its own counts")
+    p.add_argument("--http-url", help="its V2 REST base URL (http://HOST:PORT), for the REST kinds")
     p.add_argument("--model-dir", help="default: models/<dataset>")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
@@ -222,7 +286,8 @@ def main() -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    ok = result["server_alive"] and not result["failures"] and not result["codes"].get("INTERNAL")
+    ok = (result["server_alive"] and not result["failures"]
+          and not any(c in ("INTERNAL", "HTTP_500") for c in result["codes"]))
     return 0 if ok else 1
 
 

@@ -74,3 +74,32 @@ def test_wrong_shape_and_range_are_caught(case):
     bad[0, 0, 0, 0] = 1.5
     checker.check("default", [5], answer(bad, mse(bad, x[[5]])))
     assert checker.failures["shape"] == 1 and checker.failures["range"] == 1
+
+
+def test_v2_answers_are_read_and_checked_too(case, serve_check):
+    from purifier.proto.inference import grpc_service_pb2 as v2_pb
+    from purifier.server import v2
+
+    checker, x, ref = case
+
+    def v2_answer(out, errors):
+        r = v2_pb.ModelInferResponse(model_name="purifier")
+        v2.add_output(r, "purified", out.astype(np.float32))
+        v2.add_output(r, "reconstruction_error", np.asarray(errors, np.float32))
+        return r
+
+    checker.check("v2_seeded", [2], v2_answer(ref[[2]], mse(ref[[2]], x[[2]])))
+    checker.check("v2_batch", [0, 3], v2_answer(ref[[3, 0]], mse(ref[[3, 0]], x[[0, 3]])))
+    assert dict(checker.failures) == {"owner": 2}
+    assert serve_check.v2_request(x[:2], seed=5).parameters["purifier_seed"].int64_param == 5
+
+
+def test_rest_answers_are_read_and_checked_too(case, serve_check):
+    checker, x, ref = case
+    body = {"outputs": [
+        {"name": "purified", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": ref[[1]].ravel().tolist()},
+        {"name": "reconstruction_error", "datatype": "FP32", "shape": [1], "data": mse(ref[[1]], x[[1]]).tolist()}]}
+    checker.check("rest_seeded", [1], serve_check.RestAnswer(body))
+    assert dict(checker.failures) == {} and checker.images == {"rest_seeded": 1}
+    checker.check("rest_seeded", [2], serve_check.RestAnswer(body))    # image 1's answer for image 2
+    assert checker.failures["owner"] == 1 and checker.failures["seeded_equals_reference"] == 1
