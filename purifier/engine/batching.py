@@ -172,8 +172,14 @@ class Batcher:
                 batch = await self._next_batch()
                 await self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - a bug here: fail this batch, keep serving the queue
-                log.exception("batcher: a batch of %d requests failed outside its computation", len(batch))
-                for it in batch:
+                # Failed before a batch was taken: fail the oldest request, so the loop moves on
+                # instead of meeting the same error again and again.
+                failed = batch or self._queue[:1]
+                log.exception("batcher: %d request(s) failed outside the computation", len(failed))
+                for it in failed:
+                    if it in self._queue:
+                        self._queue.remove(it)
+                        self._depth_changed()
                     if not it.future.done():
                         it.future.set_exception(exc)
 

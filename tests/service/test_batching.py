@@ -126,7 +126,31 @@ def test_a_bug_in_the_batchers_bookkeeping_fails_that_batch_and_the_next_is_serv
         first, (images, _) = run_batcher(go, fake_compute([]), metrics=Metrics())
     assert isinstance(first, ValueError)
     np.testing.assert_allclose(images, 0.5)
-    assert "failed outside its computation" in caplog.text
+    assert "failed outside the computation" in caplog.text
+
+
+def test_a_bug_before_a_batch_is_taken_fails_the_oldest_request_and_the_worker_goes_on(caplog):
+    calls = []
+
+    async def go(b):
+        real = b._next_batch
+        broken = {"once": True}
+
+        async def next_batch():
+            if broken.pop("once", False):
+                raise KeyError("bookkeeping bug")
+            return await real()
+
+        b._next_batch = next_batch
+        first = asyncio.ensure_future(b.submit(torch.zeros(1, 1, 2, 2), FAST))
+        second = asyncio.ensure_future(b.submit(torch.ones(1, 1, 2, 2), FAST.with_(steps=5)))
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
+
+    with caplog.at_level("ERROR", logger="purifier.batcher"):
+        first, second = run_batcher(go, fake_compute(calls))
+    assert isinstance(first, KeyError)                        # the oldest request took the error
+    np.testing.assert_allclose(second[0], 0.5)                # and the next one was served
+    assert "failed outside the computation" in caplog.text
 
 
 class _Anything:
