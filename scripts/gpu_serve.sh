@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Lent-GPU call 2, second half (issue 11, item 7): the serving path on the GPU, after
 # scripts/gpu_eval.sh on the same warm machine. Run from .lease/ (scripts/lease.sh prepare):
-#   1. the wheels the device's python lacks (grpcio-health-checking; grpcio and protobuf at the
-#      versions our generated stubs need), from ../.whl when carried;
+#   1. the wheels the device's python lacks (grpcio-health-checking, grpcio-reflection, starlette,
+#      uvicorn; grpcio and protobuf at the versions our generated stubs need), from ../.whl when carried;
 #   2. every `gpu`-marked test, the service's included (`purifier serve` with CUDA graphs vs eager);
 #   3. scripts/serve_check.py: `purifier serve --device cuda` (per-bucket CUDA graphs: auto) with
 #      the models call 1 trained ($W/models/<ds>), 32 concurrent callers for SERVE_S seconds of
