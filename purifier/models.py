@@ -143,9 +143,13 @@ class SubpixelGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc(z)).view(-1, self.widths[0], self.h0, self.w0)
         for i, conv in enumerate(self.ups, start=1):
-            x = nn.functional.pixel_shuffle(conv(x), 2)[:, :, : self.hs[i], : self.ws[i]]
+            x = self.upsample(conv, x)[:, :, : self.hs[i], : self.ws[i]]
             x = torch.relu(x) if i < self.blocks else torch.sigmoid(x)
         return x
+
+    def upsample(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """One doubling: (N, Cin, h, w) -> (N, Cout, 2h, 2w), before the crop and activation."""
+        return nn.functional.pixel_shuffle(conv(x), 2)
 
 
 class Critic(nn.Module):

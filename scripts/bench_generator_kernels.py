@@ -40,15 +40,11 @@ from purifier.models import Generator, SubpixelGenerator  # noqa: E402
 class UnfoldGemmGenerator(SubpixelGenerator):
     """SubpixelGenerator with each 3x3 convolution as F.unfold + one matmul."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.fc(z)).view(-1, self.widths[0], self.h0, self.w0)
-        for i, conv in enumerate(self.ups, start=1):
-            n, _, h, w = x.shape
-            cols = F.unfold(x, 3, padding=1)                                     # (N, Cin*9, h*w)
-            y = conv.weight.flatten(1) @ cols + conv.bias[:, None]              # (N, 4*Cout, h*w)
-            x = F.pixel_shuffle(y.view(n, -1, h, w), 2)[:, :, : self.hs[i], : self.ws[i]]
-            x = torch.relu(x) if i < self.blocks else torch.sigmoid(x)
-        return x
+    def upsample(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cols = F.unfold(x, 3, padding=1)                                         # (N, Cin*9, h*w)
+        y = conv.weight.flatten(1) @ cols + conv.bias[:, None]                  # (N, 4*Cout, h*w)
+        return F.pixel_shuffle(y.view(n, -1, h, w), 2)
 
 
 IMPLS = {"deconv": lambda g: g, "subpixel": SubpixelGenerator, "unfold-gemm": UnfoldGemmGenerator}
