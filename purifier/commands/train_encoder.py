@@ -24,6 +24,12 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=C.precision)
     p.add_argument("--seed", type=int, default=C.seed)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--latent-radius", type=float, default=C.latent_radius,
+                   help="> 0: train the start on the sphere ||z|| = r*sqrt(D), as the fast projection "
+                        "uses it (FAST: 1); 0: E's raw output")
+    p.add_argument("--init", default=None, metavar="ENCODER",
+                   help="continue from this encoder file (same generator) instead of from scratch, "
+                        "e.g. the model directory's encoder.safetensors")
 
 
 def run(args) -> int:
@@ -34,6 +40,7 @@ def run(args) -> int:
     cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              latent_weight=args.latent_weight, recon_weight=args.recon_weight,
                              precision=args.precision, seed=args.seed,
+                             latent_radius=args.latent_radius, init=args.init,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     device = resolve_device(args)
 

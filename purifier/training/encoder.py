@@ -10,10 +10,16 @@ Two losses, every step, on a frozen G:
   (real images are not exactly on G's range, and latent regression alone ignores that).
 
 Only E's weights are updated; G is used under ``requires_grad=False``.
+
+``latent_radius`` r > 0 trains the start the projection actually uses when its latents live
+on the sphere ||z|| = r*sqrt(D) (``FAST``): E's output is put on the sphere before G sees it,
+in both losses. ``init`` continues from an encoder already trained for this generator
+("encoder trained longer"): its weights are the starting point, the rest is unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,6 +41,8 @@ class EncoderTrainConfig:
     precision: str = "fp32"      # "bf16": autocast for the forward passes (AMX / tensor cores)
     seed: int = 0
     max_seconds: float | None = None  # stop early (the card records the steps actually run)
+    latent_radius: float = 0.0   # > 0: E's output on the sphere ||z|| = r*sqrt(D) before G (as FAST)
+    init: str | None = None      # continue from this encoder file (same generator) instead of scratch
 
 
 def _autocast(device: torch.device, precision: str):
@@ -53,22 +61,39 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
     for p in generator.parameters():
         p.requires_grad_(False)
     generator.eval()
-    enc = Encoder(D, C, H, W, cfg.dim, blocks_for(H, W)).to(device).train()  # the critic's trunk for this shape
+    enc = Encoder(D, C, H, W, cfg.dim, blocks_for(H, W)).to(device)  # the critic's trunk for this shape
+    if cfg.init is not None:
+        from ..checkpoint import load_module
+        start_from = load_module(cfg.init, "encoder", device)
+        if start_from.config != enc.config:
+            raise ValueError(f"{cfg.init} is an encoder for {start_from.config}, not {enc.config}")
+        enc.load_state_dict(start_from.state_dict())
+    enc.train()
+    for p in enc.parameters():
+        p.requires_grad_(True)
+
+    def start_of(images: torch.Tensor) -> torch.Tensor:  # E(x) as the projection starts from it
+        z = enc(images).float()
+        if cfg.latent_radius:
+            z = z * (cfg.latent_radius * math.sqrt(D) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+        return z
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     start = time.perf_counter()
     steps_run, lat_loss, rec_loss = 0, float("nan"), float("nan")
     for step in range(cfg.steps):
         z = torch.randn(cfg.batch_size, D, generator=rng, device=device)     # (b, D) G's prior
+        if cfg.latent_radius:  # the prior as the projection samples it: on the sphere
+            z = z * (cfg.latent_radius * math.sqrt(D) / z.norm(dim=1, keepdim=True))
         with torch.no_grad(), _autocast(device, cfg.precision):
             fake = generator(z).float()                                      # (b, C, H, W)
         with _autocast(device, cfg.precision):
-            loss_lat = (enc(fake).float() - z).pow(2).mean()
+            loss_lat = (start_of(fake) - z).pow(2).mean()
             loss = cfg.latent_weight * loss_lat
             if real_images is not None and cfg.recon_weight > 0:
                 idx = torch.randint(len(real_images), (cfg.batch_size,), generator=rng, device=device)
                 x = real_images[idx]                                         # (b, C, H, W)
-                loss_rec = (generator(enc(x)).float() - x).pow(2).mean()
+                loss_rec = (generator(start_of(x)).float() - x).pow(2).mean()
                 loss = loss + cfg.recon_weight * loss_rec
             else:
                 loss_rec = torch.zeros(())
@@ -88,6 +113,16 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
     return enc.eval(), stats
 
 
+@torch.no_grad()
+def start_error(generator: nn.Module, encoder: nn.Module, x: torch.Tensor, latent_radius: float = 0.0) -> float:
+    """Mean squared error of G(E(x)) to x (fp32), E's output on the sphere of ``latent_radius``
+    (> 0) as the projection would start from it."""
+    z = encoder(x).float()
+    if latent_radius:
+        z = z * (latent_radius * math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    return (generator(z) - x).pow(2).flatten(1).mean(1).mean().item()
+
+
 def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str | None = None,
           device: str = "cpu", command: str | None = None, progress=None,
           image_size: int | None = None) -> dict:
@@ -105,8 +140,7 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     real = split.images.to(device)
     enc, stats = fit_encoder(generator, real, cfg, progress=progress)
     with torch.no_grad():  # how close E alone gets, on a fixed slice of the training images
-        x = real[:512]
-        recon = (generator(enc(x)) - x).pow(2).flatten(1).mean(1).mean().item()
+        recon = start_error(generator, enc, real[:512], cfg.latent_radius)
     path = model_dir / "encoder.safetensors"
     checkpoint.save_module(enc.cpu(), path, "encoder")
     section = dict(file=path.name, command=command, dataset=dataset, settings=asdict(cfg),

@@ -3,6 +3,9 @@ have guaranteed. No test here asserts a timing."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,6 +77,38 @@ def test_encoder_start_lowers_the_initial_error(sharp_gen, mixed_batch):
     few = ADAM.with_(steps=10, restarts=2)
     assert (project(sharp_gen, on_range, few.with_(encoder_starts=1), encoder=enc).errors.mean()
             < project(sharp_gen, on_range, few).errors.mean())
+
+
+def test_encoder_trained_on_the_sphere_gives_the_start_fast_uses(sharp_gen, mixed_batch, tmp_path):
+    """latent_radius puts E's output on the sphere before G, as FAST's projection does; an
+    encoder trained that way starts FAST's search closer than one trained off the sphere, and
+    init continues from saved weights (0 steps: the same encoder)."""
+    from purifier import checkpoint
+    from purifier.training.encoder import EncoderTrainConfig, fit_encoder, start_error
+
+    D = sharp_gen.latent_dim
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(32, D, generator=g)
+    z = z * (math.sqrt(D) / z.norm(dim=1, keepdim=True))
+    with torch.no_grad():
+        real = sharp_gen(z)                              # on G's range, on the sphere
+    base = EncoderTrainConfig(steps=300, batch_size=32, lr=3e-3, dim=8, latent_weight=0.0)
+    off, _ = fit_encoder(sharp_gen, real, base)
+    on, _ = fit_encoder(sharp_gen, real, replace(base, latent_radius=1.0))
+    assert start_error(sharp_gen, on, real, 1.0) < start_error(sharp_gen, off, real, 1.0)
+    start = ProjectionConfig(steps=0, restarts=1, encoder_starts=1, latent_radius=1.0, seed=0)
+    assert (project(sharp_gen, real, start, encoder=on).errors.mean()
+            < project(sharp_gen, real, start, encoder=off).errors.mean())
+
+    path = tmp_path / "encoder.safetensors"
+    checkpoint.save_module(on, path, "encoder")
+    same, stats = fit_encoder(sharp_gen, real, EncoderTrainConfig(steps=0, dim=8, init=str(path)))
+    assert stats["steps_run"] == 0
+    for a, b in zip(same.state_dict().values(), on.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    wrong = EncoderTrainConfig(steps=0, dim=16, init=str(path))
+    with pytest.raises(ValueError, match="is an encoder for"):
+        fit_encoder(sharp_gen, real, wrong)
 
 
 def test_bf16_steers_but_fp32_scores(sharp_gen, mixed_batch):
