@@ -61,13 +61,15 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
     for p in generator.parameters():
         p.requires_grad_(False)
     generator.eval()
-    enc = Encoder(D, C, H, W, cfg.dim, blocks_for(H, W)).to(device)  # the critic's trunk for this shape
-    if cfg.init is not None:
+    if cfg.init is None:
+        enc = Encoder(D, C, H, W, cfg.dim, blocks_for(H, W)).to(device)  # the critic's trunk for this shape
+    else:  # its own architecture (width, depth), for this generator's latent and image shape
         from ..checkpoint import load_module
-        start_from = load_module(cfg.init, "encoder", device)
-        if start_from.config != enc.config:
-            raise ValueError(f"{cfg.init} is an encoder for {start_from.config}, not {enc.config}")
-        enc.load_state_dict(start_from.state_dict())
+        enc = load_module(cfg.init, "encoder", device)
+        got = tuple(enc.config[k] for k in ("latent_dim", "channels", "height", "width"))
+        if got != (D, C, H, W):
+            raise ValueError(f"{cfg.init} is an encoder for latent {got[0]} and images {got[1:]}, "
+                             f"not this generator's latent {D} and images {(C, H, W)}")
     enc.train()
     for p in enc.parameters():
         p.requires_grad_(True)
@@ -147,5 +149,9 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
                    train_recon_error_of_encoder_alone=recon, **stats,
                    hardware=describe(device),
                    torch=torch.__version__)
+    if cfg.init is not None:  # the training it continued: the card of the encoder it started from
+        init_card = checkpoint.read_card(Path(cfg.init).parent).get("encoder")
+        if init_card and Path(cfg.init).name == init_card.get("file"):
+            section["continued_from"] = init_card
     checkpoint.update_card(model_dir, encoder=section)
     return section

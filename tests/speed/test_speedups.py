@@ -106,9 +106,34 @@ def test_encoder_trained_on_the_sphere_gives_the_start_fast_uses(sharp_gen, mixe
     assert stats["steps_run"] == 0
     for a, b in zip(same.state_dict().values(), on.state_dict().values()):
         torch.testing.assert_close(a, b)
-    wrong = EncoderTrainConfig(steps=0, dim=16, init=str(path))
-    with pytest.raises(ValueError, match="is an encoder for"):
-        fit_encoder(sharp_gen, real, wrong)
+    other = tmp_path / "other.safetensors"  # an encoder for another latent size
+    checkpoint.save_module(type(on)(D + 1, *sharp_gen.image_shape.as_tuple(), dim=8), other, "encoder")
+    with pytest.raises(ValueError, match="is an encoder for latent"):
+        fit_encoder(sharp_gen, real, EncoderTrainConfig(steps=0, dim=8, init=str(other)))
+
+
+def test_continued_encoder_training_keeps_the_record_it_continued(tiny_model_dir, tmp_path):
+    """train(init=the model's encoder) replaces the encoder and records the training it continued
+    (the card's previous encoder section) and the sphere it was trained for."""
+    import numpy as np
+
+    from purifier import checkpoint
+    from purifier.training.encoder import EncoderTrainConfig, train
+
+    checkpoint.update_card(tiny_model_dir, encoder=dict(file="encoder.safetensors", steps_run=7, command="first"))
+    gen = checkpoint.load_generator(tiny_model_dir / "generator.safetensors")
+    images = np.random.default_rng(0).random((40, *gen.image_shape.as_tuple()), dtype=np.float32)
+    np.save(tmp_path / "train.npy", images)
+    before = checkpoint.load_module(tiny_model_dir / "encoder.safetensors", "encoder").state_dict()
+    cfg = EncoderTrainConfig(steps=3, batch_size=8, dim=4, latent_radius=1.0,
+                             init=str(tiny_model_dir / "encoder.safetensors"))
+    section = train(str(tiny_model_dir), str(tmp_path / "train.npy"), cfg, command="second")
+    card = checkpoint.read_card(tiny_model_dir)["encoder"]
+    assert card["command"] == "second" and card["steps_run"] == 3 and card["settings"]["latent_radius"] == 1.0
+    assert card["continued_from"]["command"] == "first" and card["continued_from"]["steps_run"] == 7
+    assert section["continued_from"] == card["continued_from"]
+    after = checkpoint.load_module(tiny_model_dir / "encoder.safetensors", "encoder").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained, and saved over the old one
 
 
 def test_bf16_steers_but_fp32_scores(sharp_gen, mixed_batch):
