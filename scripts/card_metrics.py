@@ -34,7 +34,9 @@ def from_evals(model_dir: str, eval_jsons: list[str]) -> None:
         preset = result["settings"]["eval"]["projection"]
         metrics["measured_with"].append(result["command"])
         hw = result.get("environment", {}).get("hardware", {})
-        metrics["measured_on"] = hw.get("gpu") or f"CPU ({hw.get('cpu', '?')})"
+        # per preset: the presets' evals may come from different machines (and preset versions)
+        metrics[f"measured_on_{preset}"] = hw.get("gpu") or f"CPU ({hw.get('cpu', '?')})"
+        metrics[f"projection_{preset}"] = result["settings"].get("projection")
         clean = result["clean"]
         metrics["test_images"] = clean["n"]
         metrics["classifier_accuracy_clean_subset"] = clean["undefended"]["accuracy"]
