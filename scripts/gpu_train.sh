@@ -49,7 +49,8 @@ grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail
 
 for ds in mnist fashion-mnist; do
   step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
-    --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" &
+    --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" \
+    --init $MODELS/$ds/encoder.safetensors --latent-radius 1 --latent-weight 0 --lr 0.001 &  # FAST's sphere (docs/speed.md)
 done
 wait
 
