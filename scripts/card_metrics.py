@@ -44,8 +44,12 @@ def from_evals(model_dir: str, eval_jsons: list[str]) -> None:
         metrics[f"purified_clean_accuracy_{preset}_ci95"] = [round(v, 4) for v in clean["purified"]["ci95"]]
         metrics[f"mean_reconstruction_error_clean_{preset}"] = round(clean["reconstruction_error"]["mean"], 6)
         for cell in result["cells"]:
-            label = f"{cell['threat']}_{cell['attack']}{cell['eps']:g}"
-            metrics[f"classifier_accuracy_{label}_subset"] = cell["undefended"]["accuracy"]
+            eps = "" if cell["eps"] is None else f"{cell['eps']:g}"  # CW-L2 has no eps
+            label = f"{cell['threat']}_{cell['attack']}{eps}"
+            # The black-box protocol's substitute learns from each preset's own answers, so its
+            # no-defense accuracy differs per preset; the other attacks' inputs are shared.
+            own = f"_{preset}" if cell["threat"] == "blackbox" else ""
+            metrics[f"classifier_accuracy_{label}_subset{own}"] = cell["undefended"]["accuracy"]
             metrics[f"purified_{label}_accuracy_{preset}"] = cell["purified"]["accuracy"]
             metrics[f"purified_{label}_accuracy_{preset}_ci95"] = [round(v, 4) for v in cell["purified"]["ci95"]]
             if cell.get("detection", {}).get("auc") is not None:
