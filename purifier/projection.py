@@ -209,6 +209,23 @@ def preset(base: "str | ProjectionConfig" = "paper", *, has_encoder: bool = True
     return base.with_(**changes) if changes else base
 
 
+def latent_steps(cfg: ProjectionConfig) -> int:
+    """Generator forward+backward passes per image the search runs at most (early stopping
+    only makes it fewer): R per step until the pruning, ``keep`` per step after it."""
+    L, R = cfg.steps, cfg.restarts
+    if cfg.prune_after and cfg.prune_after <= L and R > cfg.keep:  # as _search prunes
+        return R * cfg.prune_after + cfg.keep * (L - cfg.prune_after)
+    return R * L
+
+
+def describe_cost(cfg: ProjectionConfig) -> str:
+    """The latent-step count per image, spelled out for error messages."""
+    if latent_steps(cfg) == cfg.steps * cfg.restarts:
+        return f"{cfg.steps} steps x {cfg.restarts} restarts"
+    return (f"{cfg.restarts} restarts x {cfg.prune_after} steps + {cfg.keep} kept x "
+            f"{cfg.steps - cfg.prune_after} steps")
+
+
 class Abandoned(DeadlineError):
     """``should_stop`` answered True: nobody waits for this projection any more."""
 

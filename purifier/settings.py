@@ -136,7 +136,7 @@ class ServeSettings:
     max_queue_size: int = 256
     max_steps: int = 1000
     max_restarts: int = 20
-    max_compute: int = 128_000  # steps x restarts x images per request (a full batch at L=200, R=10)
+    max_compute: int = 128_000  # latent-steps per request, pruning counted (a full batch at L=200, R=10)
     max_decode_bytes: int = 8 * 1024 * 1024  # encoded PNG/JPEG bytes per request
     decode_threads: int = 2   # threads decoding PNG/JPEG files, off the event loop
     projection: str = "fast"   # the shipped thresholds are calibrated for it; see docs/results.md
@@ -307,7 +307,8 @@ _SERVE_FLAGS = [
     ("--max-queue-size", int, "requests waiting beyond this are refused at once with UNAVAILABLE", []),
     ("--max-steps", int, "cap on a request's steps L (above: INVALID_ARGUMENT)", []),
     ("--max-restarts", int, "cap on a request's restarts R (above: INVALID_ARGUMENT)", []),
-    ("--max-compute", int, "cap on a request's steps x restarts x images (above: INVALID_ARGUMENT, "
+    ("--max-compute", int, "cap on a request's latent-steps: images x steps x restarts, restarts a "
+                           "pruning drops counted until it drops them (above: INVALID_ARGUMENT, "
                            "before it queues)", []),
     ("--max-decode-bytes", int, "cap on the PNG/JPEG bytes of one request (above: INVALID_ARGUMENT, "
                                 "before decoding)", []),

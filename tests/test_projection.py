@@ -231,3 +231,19 @@ def test_encoder_start_without_jitter_is_what_made_fast_deterministic(sharp_gen)
     cfg = preset("fast", steps=12).with_(encoder_jitter=0.0)
     a, b = (project(sharp_gen, x, cfg, encoder).images for _ in range(2))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(steps=7, restarts=3, prune_after=2, keep=1),
+                                     dict(steps=5, restarts=4, prune_after=9, keep=1),   # prunes never
+                                     dict(steps=6, restarts=3, prune_after=2, keep=3),   # keeps all
+                                     dict(steps=6, restarts=5, prune_after=6, keep=2)])
+def test_latent_steps_counts_the_passes_the_search_runs(sharp_gen, changes):
+    """The service's compute budget charges latent_steps(cfg) per image: exactly the generator
+    forward+backward passes the search makes (counted), pruning included."""
+    from purifier.benchmark.bench import latent_steps_per_image
+    from purifier.projection import FAST, PAPER, latent_steps
+
+    cfg = FAST.with_(encoder_starts=0, encoder_jitter=0.0, precision="fp32", seed=0, **changes)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert latent_steps(cfg) == latent_steps_per_image(sharp_gen, None, x, cfg)
+    assert latent_steps(PAPER) == 2000 and latent_steps(FAST) == 16 + 49

@@ -74,11 +74,11 @@ class Engine:
         self.device = torch.device(device)
         self.limits = limits
         self.default = preset(default, has_encoder=bundle.encoder is not None)
-        full = self.default.steps * self.default.restarts * limits.max_batch_size
+        full = projection.latent_steps(self.default) * limits.max_batch_size
         if full > limits.max_compute:
             raise ConfigError(f"--max-compute {limits.max_compute} is below a full batch of the default projection "
-                              f"({limits.max_batch_size} images x {self.default.steps} steps x "
-                              f"{self.default.restarts} restarts = {full}): raise it, or lower --max-batch-size")
+                              f"({limits.max_batch_size} images x ({projection.describe_cost(self.default)}) = "
+                              f"{full} latent-steps): raise it, or lower --max-batch-size")
         if cuda_graphs == "on" and self.device.type != "cuda":
             raise ModelLoadError("--cuda-graphs on needs a CUDA device")
         # On CUDA the default projection replays as one captured graph per batch-size bucket
@@ -139,12 +139,13 @@ class Engine:
         return validation.to_float_images(images, self.image_shape, self.limits.max_batch_size)
 
     def check_compute(self, cfg: projection.ProjectionConfig, n_images: int) -> None:
-        """Refuse a request whose steps x restarts x images is above ``Limits.max_compute``
+        """Refuse a request whose latent-steps (generator passes: images x steps x restarts,
+        counting the restarts a pruning drops as it drops them) are above ``Limits.max_compute``
         (before it queues: a request can no longer buy seconds of compute within the caps)."""
-        cost = cfg.steps * cfg.restarts * n_images
+        cost = projection.latent_steps(cfg) * n_images
         if cost > self.limits.max_compute:
             raise InvalidInputError(
-                f"{n_images} images x {cfg.steps} steps x {cfg.restarts} restarts = {cost} latent-steps is above "
+                f"{n_images} images x ({projection.describe_cost(cfg)}) = {cost} latent-steps is above "
                 f"this server's limit of {self.limits.max_compute} per request (max_compute); ask for fewer "
                 "steps, restarts or images, or split the batch")
 

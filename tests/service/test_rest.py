@@ -200,7 +200,7 @@ def rest_hardened(aloop, tmp_path_factory):
     from .conftest import make_model_dir
 
     d = make_model_dir(tmp_path_factory.mktemp("rest-hard"))
-    with running(aloop, settings_for(d, http_port=0, max_compute=6400, max_decode_bytes=64 * 1024)) as server:
+    with running(aloop, settings_for(d, http_port=0, max_compute=3000, max_decode_bytes=64 * 1024)) as server:  # as test_hardening
         yield server
 
 
