@@ -121,10 +121,20 @@ class Checker:
     def __init__(self, x: np.ndarray, ref: np.ndarray, tol: float, err_tol: float):
         self.x, self.ref, self.tol, self.err_tol = x, ref, tol, err_tol
         self.flat = x.reshape(len(x), -1)
+        # The owner check (an answer is nearest its own input) can only speak for images whose
+        # *correct* answer, the seeded reference, is itself nearest its own input: a purified
+        # image may legitimately land nearer a similar input of the set (measured: one of 64
+        # Fashion-MNIST test images under the 65-pass fast), and then nearness proves nothing.
+        ref_nearest = self._distances(ref.reshape(len(ref), -1)).argmin(1)
+        self.identifiable = ref_nearest == np.arange(len(x))
         self.failures: dict[str, int] = defaultdict(int)
         self.examples: list[dict] = []
         self.worst = {"seeded_max_abs_diff": 0.0, "error_max_rel_diff": 0.0}
         self.images = defaultdict(int)
+
+    def _distances(self, flat: np.ndarray) -> np.ndarray:
+        """Squared distance of each row of ``flat`` to every input of the set."""
+        return (flat ** 2).sum(1)[:, None] - 2 * flat @ self.flat.T + (self.flat ** 2).sum(1)[None, :]
 
     def fail(self, check: str, **detail) -> None:
         self.failures[check] += 1
@@ -151,10 +161,10 @@ class Checker:
         if (rel > self.err_tol).any():
             self.fail("reported_error", kind=kind, reported=err.tolist(), recomputed=own.tolist())
         # squared distance of each answer to every input of the set: its own must be nearest
-        d = (flat ** 2).sum(1)[:, None] - 2 * flat @ self.flat.T + (self.flat ** 2).sum(1)[None, :]
+        d = self._distances(flat)
         nearest = d.argmin(1)
         for j, i in enumerate(idx):
-            if nearest[j] != i and d[j, nearest[j]] < d[j, i]:
+            if self.identifiable[i] and nearest[j] != i and d[j, nearest[j]] < d[j, i]:
                 self.fail("owner", kind=kind, slot=j, image=i, nearest=int(nearest[j]))
         if kind in SEEDED:
             diff = float(np.abs(out[0] - self.ref[idx[0]]).max())
@@ -249,6 +259,7 @@ async def run(args) -> dict:
                 codes[code] += len(values)
             result.update(load_s=round(took, 1), codes=dict(codes), by_kind=by_kind,
                           images_checked=dict(checker.images),
+                          owner_not_checkable=[int(i) for i in np.flatnonzero(~checker.identifiable)],
                           images_per_s=round(sum(checker.images.values()) / took, 1),
                           failures=dict(checker.failures), failure_examples=checker.examples,
                           worst=checker.worst, memory_samples_mib=[["s", "gpu_used", "server_rss"], *memory])

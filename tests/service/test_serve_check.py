@@ -54,6 +54,22 @@ def test_swapped_slots_are_caught(case):
     assert checker.failures["owner"] == 2
 
 
+def test_owner_is_not_judged_where_the_right_answer_is_nearer_another_input(serve_check):
+    """An image whose correct (reference) answer lies nearer another input of the set cannot
+    show a misrouted answer by nearness: it is listed and not judged; the others still are."""
+    rng = np.random.default_rng(1)
+    x = rng.random((4, 1, 4, 4), dtype=np.float32)
+    ref = x.copy()
+    ref[2] = 0.2 * x[2] + 0.8 * x[3]                # image 2's right answer is nearer input 3
+    checker = serve_check.Checker(x, ref, tol=1e-4, err_tol=1e-3)
+    assert checker.identifiable.tolist() == [True, True, False, True]
+    checker.check("batch", [2, 0], answer(ref[[2, 0]], mse(ref[[2, 0]], x[[2, 0]])))
+    assert dict(checker.failures) == {}
+    out = ref[[1, 0]]                               # images 0 and 1 swapped: still caught
+    checker.check("batch", [0, 1], answer(out, mse(out, x[[0, 1]])))
+    assert checker.failures["owner"] == 2
+
+
 def test_a_wrong_reported_error_is_caught(case):
     checker, x, ref = case
     checker.check("default", [0], answer(ref[[0]], mse(ref[[0]], x[[0]]) * 1.5))
