@@ -45,6 +45,14 @@ class EncoderTrainConfig:
     init: str | None = None      # continue from this encoder file (same generator) instead of scratch
 
 
+def on_sphere(z: torch.Tensor, radius: float) -> torch.Tensor:
+    """Each row of z (N, D) rescaled to norm radius*sqrt(D), differentiably (radius 0: z as it is).
+    The projection's own rescaling (``projection._to_sphere``) runs without gradients."""
+    if not radius:
+        return z
+    return z * (radius * math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+
+
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -75,18 +83,14 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
         p.requires_grad_(True)
 
     def start_of(images: torch.Tensor) -> torch.Tensor:  # E(x) as the projection starts from it
-        z = enc(images).float()
-        if cfg.latent_radius:
-            z = z * (cfg.latent_radius * math.sqrt(D) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
-        return z
+        return on_sphere(enc(images).float(), cfg.latent_radius)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     start = time.perf_counter()
     steps_run, lat_loss, rec_loss = 0, float("nan"), float("nan")
     for step in range(cfg.steps):
         z = torch.randn(cfg.batch_size, D, generator=rng, device=device)     # (b, D) G's prior
-        if cfg.latent_radius:  # the prior as the projection samples it: on the sphere
-            z = z * (cfg.latent_radius * math.sqrt(D) / z.norm(dim=1, keepdim=True))
+        z = on_sphere(z, cfg.latent_radius)  # the prior as the projection samples it (r > 0: on the sphere)
         with torch.no_grad(), _autocast(device, cfg.precision):
             fake = generator(z).float()                                      # (b, C, H, W)
         with _autocast(device, cfg.precision):
@@ -119,9 +123,7 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
 def start_error(generator: nn.Module, encoder: nn.Module, x: torch.Tensor, latent_radius: float = 0.0) -> float:
     """Mean squared error of G(E(x)) to x (fp32), E's output on the sphere of ``latent_radius``
     (> 0) as the projection would start from it."""
-    z = encoder(x).float()
-    if latent_radius:
-        z = z * (latent_radius * math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    z = on_sphere(encoder(x).float(), latent_radius)
     return (generator(z) - x).pow(2).flatten(1).mean(1).mean().item()
 
 
