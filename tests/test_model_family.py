@@ -188,3 +188,21 @@ def test_captured_step_matches_eager_for_the_family(shape):
 
     cfg = GANTrainConfig(batch_size=4, n_critic=2, dim=8, device="cuda")
     assert check_graph(cfg, torch.rand(16, *shape), torch.device("cuda"), iterations=3)["ok"]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_shipped_thresholds_were_calibrated_for_the_default_preset_and_these_weights(dataset):
+    """The service flags with the card's threshold under FAST: a change of the preset, the
+    generator or the encoder without `purifier calibrate` would leave a threshold for another
+    error distribution (the preset changed on 2026-11-27, and was recalibrated)."""
+    from dataclasses import asdict
+
+    from purifier.benchmark.bench import file_digest
+    from purifier.projection import FAST
+
+    model_dir = ROOT / "models" / dataset
+    det = checkpoint.read_card(model_dir)["detection"]
+    assert {k: v for k, v in det["projection"].items() if k != "seed"} == \
+        {k: v for k, v in asdict(FAST).items() if k != "seed"}
+    assert det["models_sha256"] == {"generator": file_digest(model_dir / "generator.safetensors"),
+                                    "encoder": file_digest(model_dir / "encoder.safetensors")}

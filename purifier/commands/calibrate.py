@@ -78,6 +78,12 @@ def run(args) -> int:
                        "slice": f"last {args.holdout}" + (" of a fixed shuffle" if train.classes else ""),
                        "seed": args.seed, "source": train.source, "heldout_n": len(rest),
                        **data.card_fields(image_size)}
+    # The threshold holds for these weights only: a new generator or encoder needs a recalibration
+    # (tests/test_model_family.py checks the shipped cards against their files).
+    from ..benchmark.bench import file_digest
+    gen_file = bundle.card.get("files", {}).get("generator", "generator.safetensors")
+    section["models_sha256"] = {"generator": file_digest(bundle.path / gen_file),
+                                "encoder": file_digest(bundle.path / "encoder.safetensors")}
     print(json.dumps(section, indent=2))
     print(operating_point(section))
     if not args.dry_run:

@@ -160,6 +160,9 @@ def test_calibrate_writes_the_threshold_into_the_card(tiny_model_dir, tiny_data_
     assert det["fpr"] <= 0.1 and det["threshold"] != 0.05   # measured, replacing the fixture's
     assert det["projection"]["steps"] == 3 and det["projection"]["restarts"] == 2
     assert det["data"]["split"] == "train"
+    from purifier.benchmark.bench import file_digest             # the weights it holds for
+    assert det["models_sha256"] == {"generator": file_digest(tiny_model_dir / "generator.safetensors"),
+                                    "encoder": file_digest(tiny_model_dir / "encoder.safetensors")}
     assert card["dataset"] == "tiny"                          # the rest of the card is kept
     assert checkpoint.load_bundle(tiny_model_dir).threshold == det["threshold"]
 
