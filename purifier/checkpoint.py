@@ -173,17 +173,24 @@ def update_card(model_dir: str | os.PathLike, **sections) -> dict:
     return card
 
 
+def generator_file(model_dir: str | os.PathLike, card: dict) -> Path:
+    """The generator of a model directory: the card's ``files.generator``, else
+    generator.safetensors or generator.pt2, whichever exists."""
+    model_dir = Path(model_dir)
+    name = card.get("files", {}).get("generator")
+    if name is None:
+        name = next((n for n in ("generator.safetensors", "generator.pt2")
+                     if (model_dir / n).exists()), "generator.safetensors")
+    return model_dir / name
+
+
 def load_bundle(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
                 need_classifier: bool = False) -> ModelBundle:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     card = read_card(model_dir)
-    gen_file = card.get("files", {}).get("generator")
-    if gen_file is None:
-        gen_file = next((n for n in ("generator.safetensors", "generator.pt2")
-                         if (model_dir / n).exists()), "generator.safetensors")
-    generator = load_generator(model_dir / gen_file, device)
+    generator = load_generator(generator_file(model_dir, card), device)
     classifier = encoder = None
     if (model_dir / "classifier.safetensors").exists():
         classifier = load_module(model_dir / "classifier.safetensors", "classifier", device)

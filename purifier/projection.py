@@ -334,9 +334,12 @@ def _initial_latents(generator, encoder, x, cfg: ProjectionConfig, gen: torch.Ge
     return z
 
 
-@torch.no_grad()
-def _to_sphere(z: torch.Tensor, radius: float) -> torch.Tensor:
-    """Rescale each row of z (N, D) to norm radius * sqrt(D): where N(0, I) puts its mass."""
+def to_sphere(z: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rescale each row of z (N, D) to norm radius * sqrt(D): where N(0, I) puts its mass
+    (radius 0: z unchanged). Differentiable, so encoder training uses it too; the search calls
+    it on latents that carry no graph."""
+    if not radius:
+        return z
     return z * (radius * math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
@@ -442,8 +445,7 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
     B, R, D = z0.shape
     rescore = cfg.precision != "fp32"
     z = z0.reshape(B * R, D).clone()                                 # (N, D), N = B*R
-    if cfg.latent_radius:
-        z = _to_sphere(z, cfg.latent_radius)
+    z = to_sphere(z, cfg.latent_radius)
     images_left = torch.arange(B, device=device)                     # (b,) image of each active row group
     target = x.repeat_interleave(R, dim=0)                           # (N, C, H, W)
     best_err = torch.full((B * R,), float("inf"), device=device)     # (N,)
@@ -476,8 +478,7 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                 state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state2 / (1 - beta2 ** t)).sqrt_().add_(eps)
                 z = z - cfg.lr * (state1 / (1 - beta1 ** t)) / denom
-            if cfg.latent_radius:
-                z = _to_sphere(z, cfg.latent_radius)
+            z = to_sphere(z, cfg.latent_radius)
         steps_run = step + 1
 
         if pruning_pending and step + 1 == cfg.prune_after:

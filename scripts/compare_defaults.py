@@ -15,27 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from purifier import data  # noqa: E402
-from purifier.benchmark.bench import _substitute, parse_config  # noqa: E402
+from purifier.benchmark.bench import _substitute, fgsm_in_chunks, parse_config, purify_cached  # noqa: E402
 from purifier.checkpoint import load_bundle  # noqa: E402
-from purifier.evaluation import attacks  # noqa: E402
-from purifier.projection import project  # noqa: E402
 from purifier.stats import paired  # noqa: E402
-
-
-def purify(bundle, x, cfg, batch: int, seed: int):
-    images, errors = [], []
-    for i, s in enumerate(range(0, len(x), batch)):
-        p = project(bundle.generator, x[s: s + batch], cfg.with_(seed=seed + i), bundle.encoder)
-        images.append(p.images)
-        errors.append(p.errors)
-    return torch.cat(images), torch.cat(errors)
 
 
 def main(argv=None) -> int:
@@ -53,34 +41,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    sides = {}
+    sides = {}  # name -> (bundle, projection config); CONFIG is BASE[:key=value,...]
     for name, (model_dir, spec) in (("a", args.a), ("b", args.b)):
-        bundle = load_bundle(model_dir, need_classifier=True)
-        sides[name] = (bundle, parse_config(f"{name}={spec}" if "=" not in spec.split(":")[0] else spec)[1], spec)
+        sides[name] = (load_bundle(model_dir, need_classifier=True), parse_config(f"{name}={spec}")[1])
     clf = sides["a"][0].classifier
     sub = data.subset(data.load(args.dataset, "test", args.data_dir), args.n, seed=args.seed)
     x, y = sub.images, sub.labels
-    inputs = {"clean": x,
-              "fgsm": torch.cat([attacks.fgsm(clf, x[s: s + 500], y[s: s + 500], args.eps) for s in range(0, len(x), 500)])}
-    substitute = _substitute(Path(args.a[0]), torch.device("cpu"))
-    inputs["transfer"] = torch.cat([attacks.fgsm(substitute, x[s: s + 500], y[s: s + 500], args.eps)
-                                    for s in range(0, len(x), 500)])
+    inputs = {"clean": x, "fgsm": fgsm_in_chunks(clf, x, y, args.eps),
+              "transfer": fgsm_in_chunks(_substitute(Path(args.a[0]), torch.device("cpu")), x, y, args.eps)}
     result = dict(dataset=args.dataset, n=len(y), subset_seed=args.seed, eps=args.eps,
                   a=dict(model_dir=args.a[0], config=args.a[1]), b=dict(model_dir=args.b[0], config=args.b[1]),
                   conditions={}, command="python scripts/compare_defaults.py " + " ".join(sys.argv[1:]))
     for cond, xin in inputs.items():
-        row = {}
-        correct = {}
-        for name, (bundle, cfg, _) in sides.items():
-            t = time.perf_counter()
-            images, errors = purify(bundle, xin, cfg, args.batch, args.seed)
+        row, correct, errors = {}, {}, {}
+        for name, (bundle, cfg) in sides.items():
+            # seeded per batch (seed + batch index), as `purifier bench` purifies; no cache
+            out = purify_cached(bundle.generator, bundle.encoder, xin, cfg, args.batch, {}, None, args.seed)
             with torch.no_grad():
-                correct[name] = (bundle.classifier(images).argmax(1) == y).float()
-            row[name] = dict(accuracy=round(correct[name].mean().item(), 4), mean_error=errors.mean().item(),
-                             seconds=round(time.perf_counter() - t, 1))
-            row[name + "_errors"] = errors
+                correct[name] = (bundle.classifier(out["images"]).argmax(1) == y).float()
+            errors[name] = out["errors"]
+            row[name] = dict(accuracy=round(correct[name].mean().item(), 4), mean_error=errors[name].mean().item(),
+                             seconds=round(out["seconds"], 1))
         row["accuracy_diff_b_minus_a"] = paired(correct["b"] - correct["a"])
-        row["error_diff_b_minus_a"] = paired(row.pop("b_errors") - row.pop("a_errors"))
+        row["error_diff_b_minus_a"] = paired(errors["b"] - errors["a"])
         result["conditions"][cond] = row
         d = row["accuracy_diff_b_minus_a"]
         print(f"{cond}: a {row['a']['accuracy']:.3f} (error {row['a']['mean_error']:.5f}), "

@@ -199,6 +199,11 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def fgsm_in_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int = 500) -> torch.Tensor:
+    """FGSM on ``model`` for all of x, ``chunk`` images at a time (bounded memory)."""
+    return torch.cat([attacks.fgsm(model, x[s: s + chunk], y[s: s + chunk], eps) for s in range(0, len(x), chunk)])
+
+
 def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, batch_size: int,
                   key: dict, cache_dir: str | os.PathLike | None, seed: int = 0,
                   done_only: bool = False) -> dict:
@@ -362,8 +367,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 # the separately trained substitute (model B) and sent to the protected one.
                 which = "classifier" if cond == "fgsm" else "substitute"
                 attacked = clf if cond == "fgsm" else _substitute(bundle.path, dev)
-                xin = torch.cat([attacks.fgsm(attacked, x[s: s + 500], y[s: s + 500], settings.eps)
-                                 for s in range(0, len(x), 500)])
+                xin = fgsm_in_chunks(attacked, x, y, settings.eps)
                 ckey = dict(key, condition=f"fgsm-{settings.eps}" if cond == "fgsm" else f"transfer-fgsm-{settings.eps}",
                             **{which: file_digest(bundle.path / f"{which}.safetensors")})
             else:

@@ -81,8 +81,7 @@ def run(args) -> int:
     # The threshold holds for these weights only: a new generator or encoder needs a recalibration
     # (tests/test_model_family.py checks the shipped cards against their files).
     from ..benchmark.bench import file_digest
-    gen_file = bundle.card.get("files", {}).get("generator", "generator.safetensors")
-    section["models_sha256"] = {"generator": file_digest(bundle.path / gen_file),
+    section["models_sha256"] = {"generator": file_digest(checkpoint.generator_file(bundle.path, bundle.card)),
                                 "encoder": file_digest(bundle.path / "encoder.safetensors")}
     print(json.dumps(section, indent=2))
     print(operating_point(section))

@@ -19,7 +19,6 @@ in both losses. ``init`` continues from an encoder already trained for this gene
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..hardware import describe
 from ..models import Encoder, blocks_for
+from ..projection import to_sphere
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,6 @@ class EncoderTrainConfig:
     max_seconds: float | None = None  # stop early (the card records the steps actually run)
     latent_radius: float = 0.0   # > 0: E's output on the sphere ||z|| = r*sqrt(D) before G (as FAST)
     init: str | None = None      # continue from this encoder file (same generator) instead of scratch
-
-
-def on_sphere(z: torch.Tensor, radius: float) -> torch.Tensor:
-    """Each row of z (N, D) rescaled to norm radius*sqrt(D), differentiably (radius 0: z as it is).
-    The projection's own rescaling (``projection._to_sphere``) runs without gradients."""
-    if not radius:
-        return z
-    return z * (radius * math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -79,18 +71,16 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
             raise ValueError(f"{cfg.init} is an encoder for latent {got[0]} and images {got[1:]}, "
                              f"not this generator's latent {D} and images {(C, H, W)}")
     enc.train()
-    for p in enc.parameters():
-        p.requires_grad_(True)
 
     def start_of(images: torch.Tensor) -> torch.Tensor:  # E(x) as the projection starts from it
-        return on_sphere(enc(images).float(), cfg.latent_radius)
+        return to_sphere(enc(images).float(), cfg.latent_radius)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     start = time.perf_counter()
     steps_run, lat_loss, rec_loss = 0, float("nan"), float("nan")
     for step in range(cfg.steps):
         z = torch.randn(cfg.batch_size, D, generator=rng, device=device)     # (b, D) G's prior
-        z = on_sphere(z, cfg.latent_radius)  # the prior as the projection samples it (r > 0: on the sphere)
+        z = to_sphere(z, cfg.latent_radius)  # the prior as the projection samples it (r > 0: on the sphere)
         with torch.no_grad(), _autocast(device, cfg.precision):
             fake = generator(z).float()                                      # (b, C, H, W)
         with _autocast(device, cfg.precision):
@@ -123,7 +113,7 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
 def start_error(generator: nn.Module, encoder: nn.Module, x: torch.Tensor, latent_radius: float = 0.0) -> float:
     """Mean squared error of G(E(x)) to x (fp32), E's output on the sphere of ``latent_radius``
     (> 0) as the projection would start from it."""
-    z = on_sphere(encoder(x).float(), latent_radius)
+    z = to_sphere(encoder(x).float(), latent_radius)
     return (generator(z) - x).pow(2).flatten(1).mean(1).mean().item()
 
 
@@ -143,8 +133,7 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     data.check_shape(split, generator.image_shape.as_tuple(), f"the generator in {model_dir}")
     real = split.images.to(device)
     enc, stats = fit_encoder(generator, real, cfg, progress=progress)
-    with torch.no_grad():  # how close E alone gets, on a fixed slice of the training images
-        recon = start_error(generator, enc, real[:512], cfg.latent_radius)
+    recon = start_error(generator, enc, real[:512], cfg.latent_radius)  # E alone, a fixed training slice
     path = model_dir / "encoder.safetensors"
     checkpoint.save_module(enc.cpu(), path, "encoder")
     section = dict(file=path.name, command=command, dataset=dataset, settings=asdict(cfg),
