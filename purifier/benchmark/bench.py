@@ -356,6 +356,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
         indices = torch.randperm(len(test_split.labels),
                                  generator=torch.Generator().manual_seed(settings.seed))[: len(sub.labels)]
         x, y = sub.images.to(dev), sub.labels.to(dev)
+        errors_of = {}  # condition -> config -> (n,) per-image errors, for the detection rows
         key = dict(dataset=dataset, n=len(y), subset_seed=settings.seed, indices=indices.tolist(),
                    generator=file_digest(bundle.path / "generator.safetensors"),
                    encoder=file_digest(bundle.path / "encoder.safetensors"))
@@ -386,6 +387,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 out = dict(out, images=out["images"][:k], errors=out["errors"][:k])
                 correct = (_predict(clf, out["images"]) == y[:k]).float()
                 per_cfg[name] = (correct, out["errors"].double())
+                errors_of.setdefault(cond, {})[name] = out["errors"].double().cpu()
                 rows[name] = dict(accuracy=float(correct.mean()), mean_error=float(out["errors"].mean()),
                                   n=k, seconds=round(out["seconds"], 1), cached=out["cached"],
                                   images_per_s=round(ran / out["seconds"], 3))
@@ -402,7 +404,35 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
             result["quality"][cond] = dict(undefended_accuracy=float(undefended.mean()), n=k,
                                            n_asked=len(y), configs=rows)
         result["matched_quality"] = matched_quality(result["quality"], ref_name, settings.max_accuracy_drop)
+        if "clean" in errors_of and len(errors_of) > 1:
+            result["detection"] = detection_rows(errors_of)
     return result
+
+
+def detection_rows(errors_of: dict, target_fpr: float = 0.05) -> dict:
+    """Per attacked condition and configuration: how well the reconstruction error tells the
+    attacked images from the same images clean (the service's ``adversarial`` flag). ROC AUC,
+    and the share of attacked images over the threshold that flags ``target_fpr`` of these
+    clean images (chosen on the images it is measured on, so an optimistic operating point;
+    ``purifier calibrate`` sets the service's on training images)."""
+    from ..detection import roc_auc, threshold_for_fpr
+
+    out = {}
+    for cond, by_config in errors_of.items():
+        if cond == "clean":
+            continue
+        rows = {}
+        for name, attacked in by_config.items():
+            clean = errors_of["clean"].get(name)
+            if clean is None:
+                continue
+            n = min(len(clean), len(attacked))  # paired images (a partial reference run has fewer)
+            t = threshold_for_fpr(clean[:n].numpy(), target_fpr)
+            rows[name] = dict(auc=round(roc_auc(clean[:n].numpy(), attacked[:n].numpy()), 4),
+                              tpr_at_fpr=round(float((attacked[:n] > t).double().mean()), 4),
+                              target_fpr=target_fpr, n=n)
+        out[cond] = rows
+    return out
 
 
 def matched_quality(quality: dict, reference: str, max_drop: float = 0.01) -> dict:

@@ -56,6 +56,9 @@ def test_whole_bench_on_the_tiny_model_with_cache(tiny_model_dir, tmp_path):
         assert "paired_vs_reference" in rows["quick"] and "paired_vs_reference" not in rows["ref"]
         assert rows["quick"]["paired_vs_reference"]["accuracy_diff"]["n"] == 24
         assert not rows["ref"]["cached"]
+    for name in ("ref", "quick"):  # clean vs FGSM by reconstruction error, per configuration
+        row = first["detection"]["fgsm"][name]
+        assert 0 <= row["auc"] <= 1 and 0 <= row["tpr_at_fpr"] <= 1 and row["n"] == 24
     again = run_bench(bundle, split, settings.__class__(**{**settings.__dict__, "speed_images": 0}),
                       "cpu", "tiny", log=lambda m: None)
     for cond in ("clean", "fgsm"):
@@ -124,6 +127,18 @@ def test_speed_summary_headline_is_the_lowest_round():
     h = speed_summary(rows, "paper")["headline"]["fast"]
     assert h["speedup_best_vs_best"] == 50 and h["speedup_best_vs_best_per_round"] == [60, 50]
     assert h["spread"] == pytest.approx(0.2) and h["speedup_same_batch"] == {"8": 50}
+
+
+def test_detection_rows_score_attacked_against_the_same_images_clean():
+    from purifier.benchmark.bench import detection_rows
+
+    clean = torch.arange(20, dtype=torch.float64)          # 0..19
+    rows = detection_rows({"clean": {"a": clean, "b": clean},
+                           "fgsm": {"a": clean + 100, "b": clean.flip(0)}})
+    assert rows["fgsm"]["a"] == dict(auc=1.0, tpr_at_fpr=1.0, target_fpr=0.05, n=20)
+    assert rows["fgsm"]["b"]["auc"] == 0.5                 # the same errors: no signal
+    assert rows["fgsm"]["b"]["tpr_at_fpr"] == 0.05         # over the 95th clean score: one of 20
+    assert "clean" not in rows
 
 
 def test_matched_quality_needs_every_accuracy_within_a_point_and_no_higher_clean_error():
