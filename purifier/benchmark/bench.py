@@ -406,6 +406,10 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
         result["matched_quality"] = matched_quality(result["quality"], ref_name, settings.max_accuracy_drop)
         if "clean" in errors_of and len(errors_of) > 1:
             result["detection"] = detection_rows(errors_of)
+            for cond, rows in result["detection"].items():
+                for name, r in rows.items():
+                    log(f"detection {cond} {name}: AUC {r['auc']:.4f}, {r['tpr_at_fpr']:.1%} flagged "
+                        f"over the threshold that flags {r['target_fpr']:.0%} of the clean images")
     return result
 
 
