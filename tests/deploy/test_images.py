@@ -124,7 +124,7 @@ def test_oci_labels():
     for key in ("title", "description", "version", "revision", "created", "licenses", "base.name",
                 "base.digest"):
         assert oci + key in labels, key
-    assert labels[oci + "licenses"] == project["license"]["text"]
+    assert labels[oci + "licenses"] == project["license"]  # an SPDX expression
     assert labels[oci + "version"] == "${VERSION}" and arg_defaults()["VERSION"] == project["version"]
     assert labels[oci + "base.name"] == "${BASE_IMAGE}"
 
