@@ -419,7 +419,7 @@ def detection_rows(errors_of: dict, target_fpr: float = 0.05) -> dict:
     and the share of attacked images over the threshold that flags ``target_fpr`` of these
     clean images (chosen on the images it is measured on, so an optimistic operating point;
     ``purifier calibrate`` sets the service's on training images)."""
-    from ..detection import roc_auc, threshold_for_fpr
+    from ..detection import rates_at, roc_auc, threshold_for_fpr
 
     out = {}
     for cond, by_config in errors_of.items():
@@ -431,10 +431,10 @@ def detection_rows(errors_of: dict, target_fpr: float = 0.05) -> dict:
             if clean is None:
                 continue
             n = min(len(clean), len(attacked))  # paired images (a partial reference run has fewer)
-            t = threshold_for_fpr(clean[:n].numpy(), target_fpr)
-            rows[name] = dict(auc=round(roc_auc(clean[:n].numpy(), attacked[:n].numpy()), 4),
-                              tpr_at_fpr=round(float((attacked[:n] > t).double().mean()), 4),
-                              target_fpr=target_fpr, n=n)
+            neg, pos = clean[:n].numpy(), attacked[:n].numpy()
+            t = threshold_for_fpr(neg, target_fpr)
+            rows[name] = dict(auc=round(roc_auc(neg, pos), 4),
+                              tpr_at_fpr=round(rates_at(t, neg, pos)["tpr"], 4), target_fpr=target_fpr, n=n)
         out[cond] = rows
     return out
 
