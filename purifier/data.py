@@ -434,6 +434,21 @@ def last(split: Split, n: int) -> Split:
     return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
 
 
+def all_but_last(split: Split, n: int) -> Split:
+    """Everything :func:`last` leaves out: train on this and ``last(split, n)`` stays unseen
+    (the encoder's ``--holdout``, so that ``calibrate`` measures errors on images it never saw).
+    ``n`` 0 is the whole split."""
+    if n <= 0:
+        return split
+    if n >= len(split.labels):
+        raise DataError(f"holding out the last {n} of the {len(split.labels)} images of {split.source} "
+                        "leaves none to train on")
+    if split.classes is None:
+        return Split(split.images[:-n], split.labels[:-n], split.source, split.classes, split.whole)
+    idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[:-n]
+    return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
+
+
 def subset(split: Split, n: int | None, seed: int = 0) -> Split:
     """A seeded random choice of ``n`` examples (all when n is None or too large)."""
     if n is None or n >= len(split.labels):

@@ -272,3 +272,17 @@ def test_the_held_out_slice_of_a_class_folder_spans_the_classes(tmp_path):
     assert len(set(held.labels.tolist())) > 1 and torch.equal(held.images, data.last(split, 10).images)
     flat = data.Split(split.images, torch.full((40,), -1), "x")
     assert torch.equal(data.last(flat, 10).images, split.images[-10:])   # file order: the last ones
+
+
+def test_all_but_last_is_the_complement_of_the_held_out_slice(tmp_path):
+    for i in range(40):
+        png(tmp_path / "f" / f"c{i % 4}" / f"{i:02d}.png", torch.full((1, 4, 4), i, dtype=torch.uint8))
+    for split in (data.load(tmp_path / "f"),                                  # class folder: a shuffle
+                  data.Split(torch.arange(40.).view(40, 1, 1, 1), torch.full((40,), -1), "x")):  # file order
+        rest, held = data.all_but_last(split, 10), data.last(split, 10)
+        values = lambda s: sorted(s.images.flatten(1)[:, 0].tolist())
+        assert len(rest.labels) == 30 and not set(values(rest)) & set(values(held))
+        assert sorted(values(rest) + values(held)) == values(split)
+    assert data.all_but_last(split, 0) is split
+    with pytest.raises(DataError, match="leaves none to train on"):
+        data.all_but_last(split, 40)

@@ -17,9 +17,11 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout-n", type=int, default=1000,
                    help="other clean images of the same slice on which the chosen threshold's false-positive "
                         "rate is measured (the rate a server will see; at most HOLDOUT - N; 0: skip)")
-    p.add_argument("--holdout", type=int, default=5000,
+    p.add_argument("--holdout", type=int, default=None,
                    help="draw the images from the last HOLDOUT of the training split (the usual "
-                        "validation slice; the test split stays for `purifier eval`)")
+                        "validation slice; the test split stays for `purifier eval`). Default: the "
+                        "slice the model's encoder was trained without (`train-encoder --holdout`), "
+                        "else 5000")
     p.add_argument("--projection", choices=sorted(PRESETS), default="paper",
                    help="projection preset; use the settings the service will run")
     p.add_argument("--steps", type=int, default=None, help="override the preset's L")
@@ -55,10 +57,16 @@ def run(args) -> int:
 
     if not 0 <= args.target_fpr < 1:
         raise ConfigError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
-    if args.n < 1 or args.holdout < 1 or args.heldout_n < 0:
+    if args.n < 1 or (args.holdout is not None and args.holdout < 1) or args.heldout_n < 0:
         raise ConfigError("--n and --holdout must be >= 1, --heldout-n >= 0")
     device = resolve_device(args)
     bundle = checkpoint.load_bundle(args.model_dir, device)
+    # The encoder fits its own training images closer than new ones: a threshold chosen on
+    # errors of images it trained on flags more clean traffic than the target (docs/service.md).
+    from ..training.encoder import unseen_holdout
+    unseen = unseen_holdout(bundle.card.get("encoder")) if bundle.encoder is not None else None
+    if args.holdout is None:
+        args.holdout = unseen or 5000
     dataset, image_size = data_spec(args, bundle.card)
     if dataset is None:
         raise ConfigError(f"{args.model_dir}/card.json names no dataset: pass --dataset or --data")
@@ -66,6 +74,16 @@ def run(args) -> int:
                  restarts=args.restarts, latent_radius=args.latent_radius)
     train = data.load(dataset, "train", args.data_dir, image_size=image_size)
     data.check_shape(train, bundle.image_shape, f"the generator in {args.model_dir}")
+    args.holdout = min(args.holdout, len(train.labels))  # a small data set: all of it
+    encoder_saw = cfg.encoder_starts > 0 and unseen is not None and unseen < args.holdout
+    if encoder_saw:
+        print(f"warning: the encoder in {args.model_dir} was trained on images of this slice (it held out "
+              f"the last {unseen}, the slice is the last {args.holdout}): the threshold will flag more "
+              f"clean inputs than {args.target_fpr:.0%}. Train it with `train-encoder --holdout "
+              f"{args.holdout}`, or calibrate with --holdout {unseen}" if unseen else
+              f"warning: the encoder in {args.model_dir} was trained on the images this threshold is chosen "
+              f"on: it will flag more clean inputs than {args.target_fpr:.0%}. Train it with "
+              f"`train-encoder --holdout {args.holdout}`", flush=True)
     held = data.last(train, args.holdout).images
     # One seeded order of the slice: the first N choose the threshold (the images data.subset
     # would pick), the next HELDOUT_N, disjoint from them, measure it.
@@ -77,6 +95,7 @@ def run(args) -> int:
     section["data"] = {"dataset": dataset, "split": "train",
                        "slice": f"last {args.holdout}" + (" of a fixed shuffle" if train.classes else ""),
                        "seed": args.seed, "source": train.source, "heldout_n": len(rest),
+                       "unseen_by_encoder": None if cfg.encoder_starts == 0 or unseen is None else not encoder_saw,
                        **data.card_fields(image_size)}
     # The threshold holds for these weights only: a new generator or encoder needs a recalibration
     # (tests/test_model_family.py checks the shipped cards against their files).

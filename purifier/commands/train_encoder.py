@@ -30,11 +30,16 @@ def add_arguments(p) -> None:
     p.add_argument("--init", default=None, metavar="ENCODER",
                    help="continue from this encoder file (same generator) instead of from scratch, "
                         "e.g. the model directory's encoder.safetensors")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="leave the last N training images out (the slice `purifier calibrate` then draws "
+                        "from), so the detection threshold is chosen on images the encoder never saw; 0: train "
+                        "on all. Default: with --init, the hold-out that encoder kept; else 0")
 
 
 def run(args) -> int:
     from ..checkpoint import read_card
     from ..data import name_of
+    from ..errors import ConfigError
     from ..training.encoder import EncoderTrainConfig, train
 
     cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -42,6 +47,12 @@ def run(args) -> int:
                              precision=args.precision, seed=args.seed,
                              latent_radius=args.latent_radius, init=args.init,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    if args.holdout is None:  # continuing an encoder keeps its hold-out unseen
+        from ..training.encoder import unseen_holdout
+        from pathlib import Path
+        args.holdout = unseen_holdout(read_card(Path(args.init).parent).get("encoder")) if args.init else 0
+    if args.holdout < 0:
+        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
     device = resolve_device(args)
 
     def progress(step, lat, rec):
@@ -51,6 +62,10 @@ def run(args) -> int:
     model_dir = args.model_dir or f"models/{name_of(data_spec(args)[0])}"
     spec, image_size = data_spec(args, read_card(model_dir))
     summary = train(model_dir, spec, cfg, args.data_dir, device,
-                    command="purifier " + shlex.join(sys.argv[1:]), progress=progress, image_size=image_size)
-    print({k: summary[k] for k in ("file", "steps_run", "wall_seconds", "train_recon_error_of_encoder_alone")})
+                    command="purifier " + shlex.join(sys.argv[1:]), progress=progress, image_size=image_size,
+                    holdout=args.holdout)
+    print({k: summary[k] for k in ("file", "train_images", "steps_run", "wall_seconds",
+                                   "train_recon_error_of_encoder_alone")}
+          | ({"heldout_recon_error_of_encoder_alone": summary["holdout"]["recon_error_of_encoder_alone"]}
+             if "holdout" in summary else {}))
     return 0

@@ -117,12 +117,30 @@ def start_error(generator: nn.Module, encoder: nn.Module, x: torch.Tensor, laten
     return (generator(z) - x).pow(2).flatten(1).mean(1).mean().item()
 
 
+def unseen_holdout(section: dict | None) -> int:
+    """How many of the training split's last images the encoder a card section describes never
+    trained on: the smallest ``holdout`` along its ``continued_from`` chain (0 when any stage
+    trained on the whole split, or the section is missing)."""
+    if not section:
+        return 0
+    held = int(section.get("holdout", {}).get("n", 0))
+    if "continued_from" in section:
+        held = min(held, unseen_holdout(section["continued_from"]))
+    return held
+
+
 def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str | None = None,
           device: str = "cpu", command: str | None = None, progress=None,
-          image_size: int | None = None) -> dict:
+          image_size: int | None = None, holdout: int = 0) -> dict:
     """Train an encoder for ``<model_dir>/generator.safetensors`` on ``dataset``'s training
     images (a name or a path, see :func:`purifier.data.load`); save
-    ``<model_dir>/encoder.safetensors`` and record the run in the card."""
+    ``<model_dir>/encoder.safetensors`` and record the run in the card.
+
+    ``holdout`` N > 0 leaves the split's last N images (:func:`purifier.data.last`, the slice
+    ``purifier calibrate`` draws from) out of the training, so that the detection threshold is
+    chosen on errors of images the encoder never saw: an encoder fits its own training images
+    closer than new ones, and a threshold chosen on those flags more clean traffic than its
+    target (docs/service.md)."""
     from pathlib import Path
 
     from .. import checkpoint, data
@@ -131,18 +149,33 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     generator = checkpoint.load_generator(model_dir / "generator.safetensors", device)
     split = data.load(dataset, "train", data_dir, image_size=image_size)
     data.check_shape(split, generator.image_shape.as_tuple(), f"the generator in {model_dir}")
-    real = split.images.to(device)
+    seen = data.all_but_last(split, holdout)
+    real = seen.images.to(device)
+    init_card = None
+    if cfg.init is not None:  # the training it continues: the card of the encoder it starts from
+        init_card = checkpoint.read_card(Path(cfg.init).parent).get("encoder")
+        if not (init_card and Path(cfg.init).name == init_card.get("file")):
+            init_card = None
+        elif holdout and unseen_holdout(init_card) < holdout:
+            print(f"warning: {cfg.init} was trained on some of the last {holdout} images this run holds "
+                  f"out (it kept only the last {unseen_holdout(init_card)} unseen); the card records that "
+                  "calibration images were seen", flush=True)
     enc, stats = fit_encoder(generator, real, cfg, progress=progress)
     recon = start_error(generator, enc, real[:512], cfg.latent_radius)  # E alone, a fixed training slice
     path = model_dir / "encoder.safetensors"
     checkpoint.save_module(enc.cpu(), path, "encoder")
     section = dict(file=path.name, command=command, dataset=dataset, settings=asdict(cfg),
-                   train_recon_error_of_encoder_alone=recon, **stats,
+                   train_images=len(seen.labels), train_recon_error_of_encoder_alone=recon, **stats,
                    hardware=describe(device),
                    torch=torch.__version__)
-    if cfg.init is not None:  # the training it continued: the card of the encoder it started from
-        init_card = checkpoint.read_card(Path(cfg.init).parent).get("encoder")
-        if init_card and Path(cfg.init).name == init_card.get("file"):
-            section["continued_from"] = init_card
-    checkpoint.update_card(model_dir, encoder=section)
+    if holdout:
+        unseen = data.last(split, holdout).images[:512].to(device)
+        section["holdout"] = {"n": holdout, "slice": f"last {holdout} of the training split",
+                              "recon_error_of_encoder_alone": start_error(generator, enc, unseen,
+                                                                          cfg.latent_radius)}
+    if init_card is not None:
+        section["continued_from"] = init_card
+    card = checkpoint.read_card(model_dir)
+    card["encoder"] = section  # a new encoder's record replaces the old one's (nothing of it carries over)
+    checkpoint.write_card(model_dir, card)
     return section
