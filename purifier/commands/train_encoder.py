@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--init", default=None, metavar="ENCODER",
                    help="continue from this encoder file (same generator) instead of from scratch, "
                         "e.g. the model directory's encoder.safetensors")
+    p.add_argument("--denoise-eps", type=float, default=C.denoise_eps, metavar="EPS",
+                   help="> 0: half of each real batch reaches E with a random +-EPS sign haze (clipped), "
+                        "the loss still against the clean image (0: off)")
     p.add_argument("--holdout", type=int, default=None, metavar="N",
                    help="leave the last N training images out (the slice `purifier calibrate` then draws "
                         "from), so the detection threshold is chosen on images the encoder never saw; 0: train "
@@ -45,7 +48,7 @@ def run(args) -> int:
     cfg = EncoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              latent_weight=args.latent_weight, recon_weight=args.recon_weight,
                              precision=args.precision, seed=args.seed,
-                             latent_radius=args.latent_radius, init=args.init,
+                             latent_radius=args.latent_radius, init=args.init, denoise_eps=args.denoise_eps,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     if args.holdout is None:  # continuing an encoder keeps its hold-out unseen
         from ..training.encoder import unseen_holdout

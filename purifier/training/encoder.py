@@ -15,6 +15,9 @@ Only E's weights are updated; G is used under ``requires_grad=False``.
 on the sphere ||z|| = r*sqrt(D) (``FAST``): E's output is put on the sphere before G sees it,
 in both losses. ``init`` continues from an encoder already trained for this generator
 ("encoder trained longer"): its weights are the starting point, the rest is unchanged.
+``denoise_eps`` e > 0 feeds half of each real batch to E with a random +-e sign haze added,
+still asking G(E(.)) for the clean image: E learns to start a hazy input at its clean
+image's latent (random noise only: no classifier or attack is involved).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class EncoderTrainConfig:
     max_seconds: float | None = None  # stop early (the card records the steps actually run)
     latent_radius: float = 0.0   # > 0: E's output on the sphere ||z|| = r*sqrt(D) before G (as FAST)
     init: str | None = None      # continue from this encoder file (same generator) instead of scratch
+    denoise_eps: float = 0.0     # > 0: half of each real batch reaches E with +-eps sign noise, target clean
 
 
 def _autocast(device: torch.device, precision: str):
@@ -74,6 +78,15 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
 
     def start_of(images: torch.Tensor) -> torch.Tensor:  # E(x) as the projection starts from it
         return to_sphere(enc(images).float(), cfg.latent_radius)
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        """The first half of the batch with a random +-eps sign pattern added (an L-inf haze like
+        FGSM's, but drawn at random: no classifier involved), clipped to [0, 1]; E must still
+        land on the clean image's latent, so a hazy input starts the projection at its digit."""
+        if cfg.denoise_eps <= 0:
+            return x
+        half = len(x) // 2
+        sign = torch.randint(0, 2, x[:half].shape, generator=rng, device=x.device).mul_(2).sub_(1)
+        return torch.cat([(x[:half] + cfg.denoise_eps * sign).clamp_(0, 1), x[half:]])
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     start = time.perf_counter()
@@ -89,7 +102,7 @@ def fit_encoder(generator: nn.Module, real_images: torch.Tensor | None, cfg: Enc
             if real_images is not None and cfg.recon_weight > 0:
                 idx = torch.randint(len(real_images), (cfg.batch_size,), generator=rng, device=device)
                 x = real_images[idx]                                         # (b, C, H, W)
-                loss_rec = (generator(start_of(x)).float() - x).pow(2).mean()
+                loss_rec = (generator(start_of(noisy(x))).float() - x).pow(2).mean()
                 loss = loss + cfg.recon_weight * loss_rec
             else:
                 loss_rec = torch.zeros(())

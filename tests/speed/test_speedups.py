@@ -250,3 +250,34 @@ def test_latent_radius_zero_leaves_the_search_unconstrained(sharp_gen, mixed_bat
     # ... and the steps are not pulled onto any sphere either: the answers' norms differ
     free = project(sharp_gen, mixed_batch, ADAM.with_(steps=10, latent_radius=0.0)).latents.norm(dim=1)
     assert free.std() > 1e-3 * free.mean()
+
+
+def test_denoise_eps_feeds_half_the_real_batch_hazed(sharp_gen, monkeypatch):
+    """denoise_eps e: the first half of each real batch reaches E as clip(x +- e), the rest as
+    x (the loss compares G(E(.)) with the clean x); e = 0 leaves the inputs untouched."""
+    from purifier.training import encoder as enc_mod
+
+    seen = []
+
+    class Recording(enc_mod.Encoder):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return super().forward(x)
+
+    monkeypatch.setattr(enc_mod, "Encoder", Recording)
+    real = torch.rand(16, *sharp_gen.image_shape.as_tuple(), generator=torch.Generator().manual_seed(0))
+    cfg = enc_mod.EncoderTrainConfig(steps=1, batch_size=8, dim=4, latent_weight=1.0, denoise_eps=0.25)
+    enc_mod.fit_encoder(sharp_gen, real, cfg)
+    synthetic, hazed = seen[0], seen[1]   # E(G(z)) first, then E on the real batch
+    rows = real.flatten(1)
+    clean_idx = [next(i for i in range(16) if torch.equal(rows[i], h.flatten())) for h in hazed[4:]]
+    assert len(clean_idx) == 4                                            # the second half: untouched
+    for h in hazed[:4]:                                                   # the first half: +-0.25, clipped
+        x = rows[(rows - h.flatten()).abs().amax(1).argmin()]
+        d = h.flatten() - x
+        inside = (x > 0.25) & (x < 0.75)
+        assert torch.allclose(d[inside].abs(), torch.full_like(d[inside], 0.25), atol=1e-6)
+        assert ((h >= 0) & (h <= 1)).all()
+    seen.clear()
+    enc_mod.fit_encoder(sharp_gen, real, cfg.__class__(steps=1, batch_size=8, dim=4, latent_weight=1.0))
+    assert all(any(torch.equal(r, x.flatten()) for r in rows) for x in seen[1])   # e = 0: inputs as they are
