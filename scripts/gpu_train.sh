@@ -48,9 +48,9 @@ step train-gan $TRAIN_LIMIT $P train-gan --dataset mnist,fashion-mnist \
 grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
 
 # --init keeps the encoder's hold-out (MNIST: the last 2,000 training images, which calibrate
-# then uses); MNIST's encoder is continued with the random-haze stage it shipped with (docs/service.md).
+# then uses); both encoders are continued with the random-haze stage they shipped with (docs/service.md).
 for ds in mnist fashion-mnist; do
-  DENOISE=0; [ $ds = mnist ] && DENOISE=0.3
+  DENOISE=0.3
   step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
     --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" \
     --init $MODELS/$ds/encoder.safetensors --latent-radius 1 --latent-weight 0 --lr 0.001 \
