@@ -424,14 +424,22 @@ def _load_arrays(path: Path, split: str, image_size: int | None) -> Split:
     return Split(_to_float(_fit(images, image_size)), labels, str(path), whole=whole)
 
 
+def _end_split(split: Split, n: int) -> tuple[Split, Split]:
+    """(all but the last ``n``, the last ``n``) of the split. A class-folder listing is sorted
+    by class, so its last ``n`` would be the last classes only; there the order is a fixed
+    shuffle that spans the classes."""
+    def pick(idx):
+        return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
+    if split.classes is None:
+        return pick(slice(None, -n)), pick(slice(-n, None))
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))
+    return pick(order[:-n]), pick(order[-n:])
+
+
 def last(split: Split, n: int) -> Split:
     """The last ``n`` examples: the held-out slice of the training split that ``calibrate``
-    and export selection use. A class-folder listing is sorted by class, so its last ``n``
-    would be the last classes only; there the slice is the last ``n`` of a fixed shuffle."""
-    if split.classes is None:
-        return Split(split.images[-n:], split.labels[-n:], split.source, split.classes, split.whole)
-    idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[-n:]
-    return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
+    and export selection use (of a fixed shuffle for a class folder: :func:`_end_split`)."""
+    return _end_split(split, n)[1]
 
 
 def all_but_last(split: Split, n: int) -> Split:
@@ -443,10 +451,7 @@ def all_but_last(split: Split, n: int) -> Split:
     if n >= len(split.labels):
         raise DataError(f"holding out the last {n} of the {len(split.labels)} images of {split.source} "
                         "leaves none to train on")
-    if split.classes is None:
-        return Split(split.images[:-n], split.labels[:-n], split.source, split.classes, split.whole)
-    idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[:-n]
-    return Split(split.images[idx], split.labels[idx], split.source, split.classes, split.whole)
+    return _end_split(split, n)[0]
 
 
 def subset(split: Split, n: int | None, seed: int = 0) -> Split:

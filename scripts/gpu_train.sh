@@ -50,11 +50,10 @@ grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail
 # --init keeps the encoder's hold-out (MNIST: the last 2,000 training images, which calibrate
 # then uses); both encoders are continued with the random-haze stage they shipped with (docs/service.md).
 for ds in mnist fashion-mnist; do
-  DENOISE=0.3
   step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
     --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" \
     --init $MODELS/$ds/encoder.safetensors --latent-radius 1 --latent-weight 0 --lr 0.001 \
-    --denoise-eps $DENOISE &  # FAST's sphere (docs/speed.md)
+    --denoise-eps 0.3 &  # FAST's sphere (docs/speed.md)
 done
 wait
 

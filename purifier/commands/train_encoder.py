@@ -50,11 +50,7 @@ def run(args) -> int:
                              precision=args.precision, seed=args.seed,
                              latent_radius=args.latent_radius, init=args.init, denoise_eps=args.denoise_eps,
                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
-    if args.holdout is None:  # continuing an encoder keeps its hold-out unseen
-        from ..training.encoder import unseen_holdout
-        from pathlib import Path
-        args.holdout = unseen_holdout(read_card(Path(args.init).parent).get("encoder")) if args.init else 0
-    if args.holdout < 0:
+    if args.holdout is not None and args.holdout < 0:
         raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
     device = resolve_device(args)
 

@@ -144,7 +144,7 @@ def unseen_holdout(section: dict | None) -> int:
 
 def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str | None = None,
           device: str = "cpu", command: str | None = None, progress=None,
-          image_size: int | None = None, holdout: int = 0) -> dict:
+          image_size: int | None = None, holdout: int | None = None) -> dict:
     """Train an encoder for ``<model_dir>/generator.safetensors`` on ``dataset``'s training
     images (a name or a path, see :func:`purifier.data.load`); save
     ``<model_dir>/encoder.safetensors`` and record the run in the card.
@@ -153,7 +153,8 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     ``purifier calibrate`` draws from) out of the training, so that the detection threshold is
     chosen on errors of images the encoder never saw: an encoder fits its own training images
     closer than new ones, and a threshold chosen on those flags more clean traffic than its
-    target (docs/service.md)."""
+    target (docs/service.md). None: the hold-out of the encoder ``cfg.init`` continues (its
+    card's record), else 0."""
     from pathlib import Path
 
     from .. import checkpoint, data
@@ -162,17 +163,20 @@ def train(model_dir: str, dataset: str, cfg: EncoderTrainConfig, data_dir: str |
     generator = checkpoint.load_generator(model_dir / "generator.safetensors", device)
     split = data.load(dataset, "train", data_dir, image_size=image_size)
     data.check_shape(split, generator.image_shape.as_tuple(), f"the generator in {model_dir}")
-    seen = data.all_but_last(split, holdout)
-    real = seen.images.to(device)
     init_card = None
     if cfg.init is not None:  # the training it continues: the card of the encoder it starts from
         init_card = checkpoint.read_card(Path(cfg.init).parent).get("encoder")
         if not (init_card and Path(cfg.init).name == init_card.get("file")):
             init_card = None
-        elif holdout and unseen_holdout(init_card) < holdout:
-            print(f"warning: {cfg.init} was trained on some of the last {holdout} images this run holds "
-                  f"out (it kept only the last {unseen_holdout(init_card)} unseen); the card records that "
-                  "calibration images were seen", flush=True)
+    kept = unseen_holdout(init_card)
+    if holdout is None:  # continuing an encoder keeps its hold-out unseen
+        holdout = kept
+    elif init_card is not None and holdout and kept < holdout:
+        print(f"warning: {cfg.init} was trained on some of the last {holdout} images this run holds "
+              f"out (it kept only the last {kept} unseen); the card records that calibration images "
+              "were seen", flush=True)
+    seen = data.all_but_last(split, holdout)
+    real = seen.images.to(device)
     enc, stats = fit_encoder(generator, real, cfg, progress=progress)
     recon = start_error(generator, enc, real[:512], cfg.latent_radius)  # E alone, a fixed training slice
     path = model_dir / "encoder.safetensors"
