@@ -1,0 +1,130 @@
+"""Score generators on the criterion `train-gan --select-by` uses, plus the oblivious attack:
+purified accuracy on held-out *training* images (the last 5,000 of the training split), clean,
+under a transfer FGSM crafted on the card's substitute and under an oblivious FGSM crafted on
+the classifier itself. No encoder start (an encoder belongs to one generator), so every
+generator is projected the same way: `fast` by default (the selection's; ~40 s per generator
+at 500 images on one CPU thread), or `--projection paper:steps=100,restarts=4` (closer to the
+paper setting the issue-9 curve uses; ~4 minutes). Cheap enough to compare training recipes
+between leases.
+
+    python scripts/score_generators.py --model-dir models/mnist --dataset mnist --n 500 \
+        --out docs/bench/recipe-mnist.json  wgan-56k=models/mnist/generator.safetensors \
+        hinge-20k=runs/hinge-mnist/snapshots/iter020000-G.safetensors \
+        wgan-28k-ema=runs/gan-mnist/checkpoint.28k#G_ema
+
+Each generator is LABEL=PATH: a generator .safetensors file, or a `train-gan` checkpoint
+folder with #G or #G_ema. Results already in --out are kept (the run resumes by label).
+Every generator sees the same images and the same attacked images; accuracies carry 95%
+Wilson intervals, and --reference LABEL adds paired differences against that generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from purifier import checkpoint, models
+from purifier.evaluation import attacks
+from purifier.benchmark.bench import parse_config
+from purifier.projection import preset, project
+from purifier.stats import paired, wilson_interval
+from purifier.training import parts
+from purifier.training.selection import held_out
+
+
+def load_generator(spec: str) -> torch.nn.Module:
+    path, _, which = spec.partition("#")
+    if Path(path).is_dir():
+        state = parts.load(Path(path), map_location="cpu")
+        key = which or "G"
+        g_state = state[key]
+        cfg = json.loads(state["config"])  # the run's settings; images 28x28x1 (MNIST, Fashion-MNIST)
+        G, _ = models.gan_pair(1, 28, 28, cfg.get("latent_dim", 128), cfg.get("dim", 64))
+        G.load_state_dict(g_state)
+        return G.eval()
+    return checkpoint.load_module(path, "generator")
+
+
+def purified(G, images: torch.Tensor, cfg, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    out, errs = [], []
+    for i in range(0, len(images), batch):
+        r = project(G, images[i:i + batch], cfg)
+        out.append(r.images)
+        errs.append(r.errors)
+    return torch.cat(out), torch.cat(errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("generators", nargs="+", metavar="LABEL=PATH")
+    ap.add_argument("--model-dir", required=True, help="classifier.safetensors and substitute.safetensors")
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--projection", default="fast",
+                    help="a preset, or BASE:key=value,... as `purifier bench --config` takes (e.g. "
+                         "paper:steps=100,restarts=4); never with an encoder start")
+    ap.add_argument("--reference", default=None, help="label to pair every other generator against")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    _, base = parse_config(f"p={a.projection}")  # NAME=BASE[:key=value,...]
+    proj = preset(base, has_encoder=False, seed=a.seed)
+    md = Path(a.model_dir)
+    clf = checkpoint.load_module(md / "classifier.safetensors", "classifier")
+    sub = checkpoint.load_module(md / "substitute.safetensors", "classifier")
+    x, y = held_out(a.dataset, a.data_dir, a.n, seed=a.seed)
+    sets = {"clean": x, "transfer": attacks.fgsm(sub, x, y, a.eps), "oblivious": attacks.fgsm(clf, x, y, a.eps)}
+    out_path = Path(a.out)
+    doc = json.loads(out_path.read_text()) if out_path.exists() else {}
+    doc.update({"command": "python scripts/score_generators.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "generators" and v is not None)
+        + " " + " ".join(a.generators),
+        "measured_on": f"{a.n} held-out training images of {a.dataset} (last 5000 of the training split, "
+                       f"seed {a.seed}); FGSM eps {a.eps}: transfer from {md}/substitute, oblivious on "
+                       f"{md}/classifier; projection {a.projection} without encoder start; CPU, {a.threads} thread(s)"})
+    results = doc.setdefault("generators", {})
+    for spec in a.generators:
+        label, _, path = spec.partition("=")
+        if label in results and "correct" in results[label]:
+            print(f"{label}: kept from {out_path}")
+            continue
+        G = load_generator(path)
+        t0 = time.time()
+        row = {"path": path, "correct": {}}
+        for name, imgs in sets.items():
+            p, e = purified(G, imgs, proj)
+            with torch.no_grad():
+                ok = (clf(p).argmax(1) == y)
+            k = int(ok.sum())
+            row[name] = {"accuracy": round(k / len(y), 4), "ci95": [round(v, 4) for v in wilson_interval(k, len(y))],
+                         "reconstruction_error": round(float(e.mean()), 6)}
+            row["correct"][name] = ok.int().tolist()
+        row["seconds"] = round(time.time() - t0, 1)
+        results[label] = row
+        print(label, {k: row[k]["accuracy"] for k in sets}, f"{row['seconds']} s", flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(doc, indent=1))
+    if a.reference and a.reference in results:
+        ref = results[a.reference]["correct"]
+        for label, row in results.items():
+            if label != a.reference:
+                row["minus_reference"] = {k: {kk: (round(v, 4) if isinstance(v, float) else
+                                                        [round(u, 4) for u in v] if isinstance(v, list) else v)
+                                                   for kk, v in paired(torch.tensor(row["correct"][k])
+                                                                       - torch.tensor(ref[k])).items()}
+                                            for k in sets}
+        doc["reference"] = a.reference
+    out_path.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
