@@ -160,23 +160,18 @@ class Critic(nn.Module):
     """
 
     def __init__(self, channels: int = 1, height: int = 28, width: int = 28, dim: int = 64,
-                 blocks: int = 3, spectral_norm: bool = False):
+                 blocks: int = 3):
         super().__init__()
         self.config = dict(arch="dcgan-critic", channels=channels, height=height, width=width, dim=dim,
                            blocks=blocks)
-        if spectral_norm:  # only then, so the WGAN-GP critics' saved configs stay as they were
-            self.config["spectral_norm"] = True
-        # Spectral normalisation (Miyato et al. 2018) bounds each layer's Lipschitz constant
-        # by one power iteration per forward pass in training mode: the hinge recipe's critic.
-        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         self.image_shape = ImageShape(channels, height, width)
         layers: list[nn.Module] = []
         cin, h, w = channels, height, width
         for i in range(blocks):
-            layers += [sn(nn.Conv2d(cin, dim * 2 ** i, 5, 2, 2)), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(cin, dim * 2 ** i, 5, 2, 2), nn.LeakyReLU(0.2)]
             cin, h, w = dim * 2 ** i, (h + 1) // 2, (w + 1) // 2
         self.net = nn.Sequential(*layers)
-        self.fc = sn(nn.Linear(cin * h * w, 1))
+        self.fc = nn.Linear(cin * h * w, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.net(x).flatten(1)).squeeze(1)  # (N,)
@@ -255,12 +250,12 @@ class Encoder(nn.Module):
 
 
 def gan_pair(channels: int, height: int, width: int, latent_dim: int = 128,
-             dim: int = 64, spectral_norm: bool = False) -> tuple[Generator, Critic]:
+             dim: int = 64) -> tuple[Generator, Critic]:
     """The family member for an image shape: G and D with :func:`blocks_for` stages (for
     28x28 the paper's networks, layer for layer)."""
     blocks = blocks_for(height, width)
     return (Generator(latent_dim, channels, height, width, dim, blocks),
-            Critic(channels, height, width, dim, blocks, spectral_norm))
+            Critic(channels, height, width, dim, blocks))
 
 
 def build(kind: str, config: dict) -> nn.Module:

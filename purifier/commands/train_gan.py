@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from .common import add_device, resolve_device
 
-HELP = ("train the Defense-GAN generator with WGAN-GP, or hinge loss with a spectral-normalised critic "
-        "(graph-captured on CUDA, checkpoints, --resume)")
+HELP = "train the Defense-GAN generator with WGAN-GP (graph-captured on CUDA, checkpoints, --resume)"
 DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -32,13 +31,6 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=C.batch_size)
     p.add_argument("--n-critic", type=int, default=C.n_critic)
     p.add_argument("--lr", type=float, default=C.lr)
-    p.add_argument("--beta1", type=float, default=C.beta1, help="Adam's beta1 (both networks)")
-    p.add_argument("--beta2", type=float, default=C.beta2, help="Adam's beta2 (both networks)")
-    p.add_argument("--loss", choices=["wgan-gp", "hinge"], default=C.loss,
-                   help="wgan-gp: the original's recipe (gradient penalty --gp-weight); hinge: hinge loss with a "
-                        "spectral-normalised critic and no penalty, about 5x cheaper per iteration at "
-                        "--n-critic 1 (Miyato et al. 2018 use --n-critic 1 --lr 2e-4 --beta2 0.999); a run keeps "
-                        "the loss it started with")
     p.add_argument("--gp-weight", type=float, default=C.gp_weight)
     p.add_argument("--ema", type=float, default=C.ema, help="EMA decay of G (0: off)")
     p.add_argument("--seed", type=int, default=C.seed)
@@ -104,8 +96,7 @@ def configs(args) -> list:
             dataset=d, data_dir=fill(args.data_dir), image_size=args.image_size,
             run_dir=fill(args.run_dir) or f"runs/gan-{name_of(d)}",
             out_dir=fill(args.out), iterations=args.iterations, batch_size=args.batch_size,
-            n_critic=args.n_critic, lr=args.lr, beta1=args.beta1, beta2=args.beta2, loss=args.loss,
-            gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
+            n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
             snapshot_at=snaps, cuda_graph=args.cuda_graph, part_mib=args.part_mib,
             select_images=args.select_images, select_by=args.select_by, warm_start=fill(args.warm_start), device=device))

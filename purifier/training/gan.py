@@ -4,12 +4,6 @@ The recipe is the original's: gradient penalty 10, ``n_critic`` critic steps per
 step, Adam(1e-4, betas 0.5/0.9), z ~ N(0, I). Optional addition, recorded in the card: an
 exponential moving average (EMA) of G's weights with warm-up.
 
-``loss="hinge"`` is the cheaper alternative issue 9 names: the hinge loss with a
-spectral-normalised critic (Miyato et al. 2018) and no gradient penalty, so no double backward;
-at one critic step per generator step an iteration costs about a fifth of WGAN-GP's at five
-(2-core CPU, MNIST, batch 64: 7.6 vs 1.4 iterations/s). The same step, checkpoints and graph
-capture serve both; a run keeps the loss it started with.
-
 One generator iteration is :meth:`WGANGP.step` = :meth:`WGANGP.draw` (all of the
 iteration's random numbers: batch indices, latents, interpolation weights) followed by
 :meth:`WGANGP.update` (the ``n_critic`` critic updates with the gradient penalty, which is a
@@ -46,7 +40,7 @@ from torch import nn
 
 from .. import checkpoint, data
 from . import parts
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..hardware import summary as hardware
 from ..models import gan_pair
 
@@ -79,10 +73,6 @@ class GANTrainConfig:
     select_images: int = 200    # training images on which G and its EMA are compared at export
     select_by: str = "reconstruction"  # or "transfer" / "defense": purified accuracy (purifier.training.selection)
     warm_start: str | None = None  # model dir (generator + critic + card) to continue from without a checkpoint
-    loss: str = "wgan-gp"       # or "hinge": hinge loss, spectral-normalised critic, no gradient penalty
-
-
-LOSSES = ("wgan-gp", "hinge")
 
 
 # --- the model and its step --------------------------------------------------------------------
@@ -116,11 +106,8 @@ class WGANGP:
         self.cfg, self.device = cfg, device
         self.images = images.to(device)                                     # (N, C, H, W) in [0, 1]
         C, H, W = self.images.shape[1:]
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"GAN loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
         torch.manual_seed(cfg.seed)  # the weights' initialisation
-        # the family member for this shape; the hinge recipe's critic is spectral-normalised
-        G, D = gan_pair(C, H, W, cfg.latent_dim, cfg.dim, spectral_norm=cfg.loss == "hinge")
+        G, D = gan_pair(C, H, W, cfg.latent_dim, cfg.dim)  # the family member for this shape
         self.G, self.D = G.to(device), D.to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema else None
         # capturable: Adam's step count lives on the GPU, so the update needs no host sync.
@@ -153,14 +140,9 @@ class WGANGP:
             real = self.images[idx[k]]                                       # (B, C, H, W)
             with torch.no_grad():
                 fake = G(z_d[k])
-            if cfg.loss == "hinge":  # Lim & Ye 2017; Miyato et al. 2018 (spectral norm instead of a penalty)
-                scores = D(torch.cat([real, fake]))                          # (2B,) one pass for both
-                gp = torch.zeros((), device=real.device)
-                d_loss = torch.relu(1 - scores[:B]).mean() + torch.relu(1 + scores[B:]).mean()
-            else:
-                gp = gradient_penalty(D, real, fake, alpha[k])
-                scores = D(torch.cat([real, fake]))
-                d_loss = scores[B:].mean() - scores[:B].mean() + cfg.gp_weight * gp
+            gp = gradient_penalty(D, real, fake, alpha[k])
+            scores = D(torch.cat([real, fake]))                              # (2B,) one pass for both
+            d_loss = scores[B:].mean() - scores[:B].mean() + cfg.gp_weight * gp
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
@@ -343,11 +325,6 @@ class Run:
             state = torch.load(legacy, map_location=self.device, weights_only=True)
         else:
             return
-        saved = json.loads(state["config"]) if "config" in state else {}
-        if saved.get("loss", "wgan-gp") != self.cfg.loss:  # checkpoints before --loss are WGAN-GP
-            raise ConfigError(f"{self.ckpt_dir} is a {saved.get('loss', 'wgan-gp')} run; resume it with "
-                              f"--loss {saved.get('loss', 'wgan-gp')}, or train --loss {self.cfg.loss} in "
-                              f"another --run-dir")
         self.it, self.wall = int(state["iteration"]), float(state["wall_seconds"])
         try:
             self.model.load_state_dict(state, self.it)
@@ -377,11 +354,6 @@ class Run:
         G = checkpoint.load_module(model_dir / "generator.safetensors", "generator", self.device)
         D = checkpoint.load_module(model_dir / "critic.safetensors", "critic", self.device)
         m = self.model
-        if G.config == m.G.config and D.config.get("spectral_norm", False) != m.D.config.get("spectral_norm", False):
-            kind = {True: "hinge (spectral-normalised)", False: "WGAN-GP"}
-            raise ConfigError(f"--warm-start {model_dir}: its critic is a {kind[D.config.get('spectral_norm', False)]} "
-                              f"critic and this run trains --loss {self.cfg.loss}; warm-start with the loss it was "
-                              f"trained with, or drop --warm-start")
         if G.config != m.G.config or D.config != m.D.config:
             want = "x".join(map(str, G.image_shape.as_tuple()))
             have = "x".join(map(str, self.train_images.shape[1:]))
@@ -417,9 +389,8 @@ class Run:
                         raise
                     print(f"{cfg.dataset}: CUDA graph capture failed ({exc!r}); training eagerly", flush=True)
                     self.model.graph = None
-        self.segments.append({"from_iteration": self.it, "loss": cfg.loss, "batch_size": cfg.batch_size,
-                              "n_critic": cfg.n_critic, "lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2],
-                              "gp_weight": cfg.gp_weight, "ema": cfg.ema, "device": cfg.device,
+        self.segments.append({"from_iteration": self.it, "batch_size": cfg.batch_size, "n_critic": cfg.n_critic,
+                              "lr": cfg.lr, "gp_weight": cfg.gp_weight, "ema": cfg.ema, "device": cfg.device,
                               "hardware": hardware(cfg.device), "mode": self.mode,
                               "threads": torch.get_num_threads()})
 
@@ -537,7 +508,7 @@ def _loop(runs: list[Run], progress: bool, max_seconds: float | None) -> None:
     bars = {}
     if progress:
         from tqdm import tqdm
-        bars = {id(r): tqdm(total=r.cfg.iterations, initial=r.it, desc=f"{r.cfg.loss} {r.cfg.dataset}", unit="it")
+        bars = {id(r): tqdm(total=r.cfg.iterations, initial=r.it, desc=f"wgan-gp {r.cfg.dataset}", unit="it")
                 for r in runs}
     t_start = time.time()
     last_report = t_start
@@ -597,18 +568,6 @@ def choose_generator(G: nn.Module, G_ema: nn.Module | None, images: torch.Tensor
         "measured_on": f"{n} training images, projection L=100 R=4 seed {seed}"}
 
 
-def recipe(cfg: GANTrainConfig) -> str:
-    """The card's one-line description of the training recipe."""
-    adam = f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2}"
-    if cfg.loss == "hinge":
-        head = (f"hinge loss, spectral-normalised critic, no gradient penalty ({cfg.n_critic} critic "
-                f"step{'s' if cfg.n_critic != 1 else ''} per G step, {adam})")
-    else:
-        head = f"WGAN-GP (GP {cfg.gp_weight}, {cfg.n_critic} critic steps per G step, {adam})"
-    ema = (f"; EMA of G with decay {cfg.ema} (warm-up min(decay, (1+t)/(10+t)))" if cfg.ema else "; no EMA")
-    return head + ema
-
-
 def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> None:
     out = Path(cfg.out_dir)
     checkpoint.save_module(G, out / "generator.safetensors", "generator")
@@ -621,9 +580,7 @@ def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> No
             "command": (f"purifier train-gan {data.flags(cfg.dataset, cfg.image_size)} "
                         f"--iterations {summary['iterations']} "
                         f"--batch-size {cfg.batch_size} --n-critic {cfg.n_critic} --ema {cfg.ema} "
-                        + (f"--loss hinge --lr {cfg.lr} --beta1 {cfg.beta1} --beta2 {cfg.beta2} "
-                           if cfg.loss == "hinge" else "")
-                        + f"--seed {cfg.seed} --run-dir {cfg.run_dir} --out {cfg.out_dir} --resume"),
+                        f"--seed {cfg.seed} --run-dir {cfg.run_dir} --out {cfg.out_dir} --resume"),
             "settings": asdict(cfg),
             "iterations": summary["iterations"],
             "segments": summary["segments"],
@@ -632,7 +589,9 @@ def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> No
             "wall_seconds": summary["wall_seconds"],
             "hardware": ", ".join(sorted({s["hardware"] for s in summary["segments"] if s.get("hardware")}))
                         or hardware(cfg.device),
-            "recipe": recipe(cfg),
+            "recipe": (f"WGAN-GP (GP {cfg.gp_weight}, {cfg.n_critic} critic steps per G step, "
+                       f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2}); EMA of G with decay "
+                       f"{cfg.ema} (warm-up min(decay, (1+t)/(10+t)))" if cfg.ema else "; no EMA"),
             "export_selection": summary.get("export_selection"),
             "critic": "critic.safetensors (the critic at the last iteration; `--warm-start` continues from it)",
         },
