@@ -41,6 +41,18 @@ def test_gan_training_checkpoints_resumes_and_exports(tmp_path):
     assert card["generator"]["training"]["export_selection"]["exported"] in ("G", "G_ema")
     g = checkpoint.load_generator(tmp_path / "model" / "generator.safetensors")
     assert g(torch.randn(2, 128)).shape == (2, 1, 28, 28)
+    assert card["generator"]["training"]["recipe"].startswith("WGAN-GP (GP 10.0, 1 critic steps per G step")
+    assert card["generator"]["training"]["recipe"].endswith("(warm-up min(decay, (1+t)/(10+t)))")
+
+
+def test_card_recipe_without_ema_still_names_the_recipe(tmp_path):
+    data_dir = fake_dataset(tmp_path / "data")
+    cfg = GANTrainConfig(dataset="mnist", data_dir=str(data_dir), run_dir=str(tmp_path / "run"),
+                         out_dir=str(tmp_path / "model"), iterations=1, batch_size=4, n_critic=1, dim=4,
+                         ema=0, sample_every=0)
+    train(cfg, progress=False)
+    recipe = json.loads((tmp_path / "model" / "card.json").read_text())["generator"]["training"]["recipe"]
+    assert recipe.startswith("WGAN-GP (GP 10.0") and recipe.endswith("; no EMA")
 
 
 def _tiny(tmp_path, name, **kw):

@@ -590,8 +590,9 @@ def export(cfg: GANTrainConfig, G: nn.Module, D: nn.Module, summary: dict) -> No
             "hardware": ", ".join(sorted({s["hardware"] for s in summary["segments"] if s.get("hardware")}))
                         or hardware(cfg.device),
             "recipe": (f"WGAN-GP (GP {cfg.gp_weight}, {cfg.n_critic} critic steps per G step, "
-                       f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2}); EMA of G with decay "
-                       f"{cfg.ema} (warm-up min(decay, (1+t)/(10+t)))" if cfg.ema else "; no EMA"),
+                       f"Adam {cfg.lr}, betas {cfg.beta1}/{cfg.beta2})"
+                       + (f"; EMA of G with decay {cfg.ema} (warm-up min(decay, (1+t)/(10+t)))"
+                          if cfg.ema else "; no EMA")),
             "export_selection": summary.get("export_selection"),
             "critic": "critic.safetensors (the critic at the last iteration; `--warm-start` continues from it)",
         },
