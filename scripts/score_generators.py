@@ -2,15 +2,16 @@
 purified accuracy on held-out *training* images (the last 5,000 of the training split), clean,
 under a transfer FGSM crafted on the card's substitute and under an oblivious FGSM crafted on
 the classifier itself. No encoder start (an encoder belongs to one generator), so every
-generator is projected the same way: `fast` by default (the selection's; ~40 s per generator
-at 500 images on one CPU thread), or `--projection paper:steps=100,restarts=4` (closer to the
-paper setting the issue-9 curve uses; ~4 minutes). Cheap enough to compare training recipes
-between leases.
+generator is projected the same way: by default the selection's projection (the paper's search
+shortened to L=100 R=4, bf16 where native: ~2 minutes per generator at 300 images on one CPU
+thread), or any other (`--projection fast`: ~20 s, but it ranks generators against their
+training; docs/results.md, "Choosing a generator"). Cheap enough to compare generators between
+leases.
 
-    python scripts/score_generators.py --model-dir models/mnist --dataset mnist --n 500 \
-        --out docs/bench/recipe-mnist.json  wgan-56k=models/mnist/generator.safetensors \
-        hinge-20k=runs/hinge-mnist/snapshots/iter020000-G.safetensors \
-        wgan-28k-ema=runs/gan-mnist/checkpoint.28k#G_ema
+    python scripts/score_generators.py --model-dir models/mnist --dataset mnist --n 300 \
+        --out runs/score-mnist.json  shipped=models/mnist/generator.safetensors \
+        snap-50k=runs/gpu-lease/gan-mnist/snapshots/iter050000-G_ema.safetensors \
+        ema-28k=runs/gan-mnist/checkpoint.28k#G_ema
 
 Each generator is LABEL=PATH: a generator .safetensors file, or a `train-gan` checkpoint
 folder with #G or #G_ema. Results already in --out are kept (the run resumes by label).
@@ -33,6 +34,7 @@ from purifier.benchmark.bench import parse_config
 from purifier.projection import preset, project
 from purifier.stats import paired, wilson_interval
 from purifier.training import parts
+from purifier.training import selection
 from purifier.training.selection import held_out
 
 
@@ -68,14 +70,17 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--projection", default="fast",
-                    help="a preset, or BASE:key=value,... as `purifier bench --config` takes (e.g. "
-                         "paper:steps=100,restarts=4); never with an encoder start")
+    ap.add_argument("--projection", default=None,
+                    help="default: the selection's (purifier.training.selection.PROJECTION); else a preset, or "
+                         "BASE:key=value,... as `purifier bench --config` takes (e.g. fast, or "
+                         "paper:steps=200,restarts=10); never with an encoder start")
     ap.add_argument("--reference", default=None, help="label to pair every other generator against")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    if a.projection is None:
+        a.projection = "paper:" + ",".join(f"{k}={v}" for k, v in selection.PROJECTION.items())
     _, base = parse_config(f"p={a.projection}")  # NAME=BASE[:key=value,...]
     proj = preset(base, has_encoder=False, seed=a.seed)
     md = Path(a.model_dir)
@@ -85,10 +90,13 @@ def main() -> None:
     sets = {"clean": x, "transfer": attacks.fgsm(sub, x, y, a.eps), "oblivious": attacks.fgsm(clf, x, y, a.eps)}
     out_path = Path(a.out)
     doc = json.loads(out_path.read_text()) if out_path.exists() else {}
-    doc.update({"command": "python scripts/score_generators.py " + " ".join(
+    cmd = "python scripts/score_generators.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "generators" and v is not None)
-        + " " + " ".join(a.generators),
-        "measured_on": f"{a.n} held-out training images of {a.dataset} (last 5000 of the training split, "
+        + " " + " ".join(a.generators)
+    doc.setdefault("commands", [])
+    if cmd not in doc["commands"]:
+        doc["commands"].append(cmd)  # one per invocation that added generators to this file
+    doc.update({"measured_on": f"{a.n} held-out training images of {a.dataset} (last 5000 of the training split, "
                        f"seed {a.seed}); FGSM eps {a.eps}: transfer from {md}/substitute, oblivious on "
                        f"{md}/classifier; projection {a.projection} without encoder start; CPU, {a.threads} thread(s)"})
     results = doc.setdefault("generators", {})

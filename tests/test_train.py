@@ -230,3 +230,22 @@ def test_defense_criterion_weighs_clean_accuracy_against_attacked():
     assert pick == {"transfer": "G", "defense": "G_ema"}
     tie = {"a": {"clean_accuracy": 0.9, "attacked_accuracy": 0.5}, "b": {"clean_accuracy": 0.8, "attacked_accuracy": 0.6}}
     assert max(tie, key=lambda k: CRITERIA["defense"](tie[k])) == "b"  # equal means: the attacked one decides
+
+
+def test_selection_projects_with_the_shortened_paper_search_and_no_encoder(tmp_path, monkeypatch):
+    """Not `fast`: its 50 Adam steps from random starts rank generators against their training
+    (docs/results.md, "Choosing a generator")."""
+    from purifier.models import Classifier, Generator
+    from purifier.training import selection
+
+    fake_dataset(tmp_path / "data", n=12)
+    model_dir = tmp_path / "model"
+    for f in ("classifier", "substitute"):
+        checkpoint.save_module(Classifier("D"), model_dir / f"{f}.safetensors", "classifier")
+    seen = []
+    real_project = selection.project
+    monkeypatch.setattr(selection, "project", lambda g, x, cfg: seen.append(cfg) or real_project(g, x, cfg))
+    _, report = selection.choose({"a": Generator(dim=4)}, model_dir, "mnist", str(tmp_path / "data"), n=4)
+    assert len(seen) == 2   # clean and attacked
+    assert {(c.steps, c.restarts, c.encoder_starts, c.optimizer, c.lr) for c in seen} == {(100, 4, 0, "sgd", 10.0)}
+    assert "L=100 R=4" in report["measured_on"] and "no encoder start" in report["measured_on"]
