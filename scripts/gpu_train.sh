@@ -47,8 +47,8 @@ step train-gan $TRAIN_LIMIT $P train-gan --dataset mnist,fashion-mnist \
   --max-minutes "$TRAIN_MIN" --no-progress --resume "${WARM[@]}" $EXTRA
 grep -E "graph vs eager|stopping|training from|it/s\)" "$W/train-gan.log" | tail -8
 
-# --init keeps the encoder's hold-out (MNIST: the last 2,000 training images, which calibrate
-# then uses); both encoders are continued with the random-haze stage they shipped with (docs/service.md).
+# --init keeps the encoder's hold-out (the last 2,000 MNIST / 5,000 Fashion-MNIST training images,
+# which calibrate then uses); both encoders are continued with the random-haze stage they shipped with (docs/service.md).
 for ds in mnist fashion-mnist; do
   step train-encoder-$ds 75 $P train-encoder --dataset $ds --data-dir data/$ds --device $DEVICE \
     --model-dir $MODELS/$ds --precision bf16 --steps $ENC_STEPS --batch-size 256 --max-minutes "$ENC_MIN" \
