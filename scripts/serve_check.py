@@ -61,6 +61,7 @@ from soak import (counters, delta, free_port, latency_stats, rss_mb, start_serve
 KINDS = {"seeded": 3, "default": 4, "batch": 2, "options": 1, "v2_batch": 2, "v2_seeded": 1,
          "rest_batch": 1, "rest_seeded": 1}
 SEEDED = ("seeded", "v2_seeded", "rest_seeded")
+OWNER_MARGIN = 2.0  # unseeded answers: another input must be this many times nearer to fail "owner"
 
 
 def request(x: np.ndarray, **options) -> pb.PurifyRequest:
@@ -160,12 +161,17 @@ class Checker:
         self.worst["error_max_rel_diff"] = max(self.worst["error_max_rel_diff"], float(rel.max()))
         if (rel > self.err_tol).any():
             self.fail("reported_error", kind=kind, reported=err.tolist(), recomputed=own.tolist())
-        # squared distance of each answer to every input of the set: its own must be nearest
+        # squared distance of each answer to every input of the set: its own must be nearest.
+        # An unseeded answer is one draw of the random starts, not the reference, and may land a
+        # little nearer a similar input (one Fashion-MNIST answer in 276 requests did, its error
+        # matching its own input); a misrouted answer lies many times nearer its true input.
         d = self._distances(flat)
         nearest = d.argmin(1)
+        margin = 1.0 if kind in SEEDED else OWNER_MARGIN
         for j, i in enumerate(idx):
-            if self.identifiable[i] and nearest[j] != i and d[j, nearest[j]] < d[j, i]:
-                self.fail("owner", kind=kind, slot=j, image=i, nearest=int(nearest[j]))
+            if self.identifiable[i] and nearest[j] != i and d[j, nearest[j]] * margin < d[j, i]:
+                self.fail("owner", kind=kind, slot=j, image=i, nearest=int(nearest[j]),
+                          own_over_nearest=round(float(d[j, i] / max(d[j, nearest[j]], 1e-12)), 3))
         if kind in SEEDED:
             diff = float(np.abs(out[0] - self.ref[idx[0]]).max())
             self.worst["seeded_max_abs_diff"] = max(self.worst["seeded_max_abs_diff"], diff)

@@ -119,3 +119,25 @@ def test_rest_answers_are_read_and_checked_too(case, serve_check):
     assert dict(checker.failures) == {} and checker.images == {"rest_seeded": 1}
     checker.check("rest_seeded", [2], serve_check.RestAnswer(body))    # image 1's answer for image 2
     assert checker.failures["owner"] == 1 and checker.failures["seeded_equals_reference"] == 1
+
+
+def test_an_unseeded_answer_a_little_nearer_a_similar_input_is_not_misrouted(serve_check):
+    """Unseeded answers are one draw of the random starts: nearer another input by less than
+    OWNER_MARGIN is purification noise; clearly nearer (a misrouted answer) still fails, and a
+    seeded answer is judged strictly."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.1, 0.9, (3, 1, 4, 4)).astype(np.float32)
+    x[1] = x[0] + 0.05                              # two similar inputs (all in [0, 1])
+    ref = x.copy()
+    checker = serve_check.Checker(x, ref, tol=1e-4, err_tol=1e-3)
+    assert checker.identifiable.all()
+    drift = 0.45 * x[0] + 0.55 * x[1]               # image 0's unseeded answer, drifted past the midpoint
+    out = drift[None]
+    checker.check("batch", [0], answer(out, mse(out, x[[0]])))
+    assert dict(checker.failures) == {}
+    checker.check("seeded", [0], answer(out, mse(out, x[[0]])))
+    assert checker.failures["owner"] == 1
+    wrong = ref[[2]]                                # image 2's answer handed to image 0
+    checker.check("batch", [0], answer(wrong, mse(wrong, x[[0]])))
+    assert checker.failures["owner"] == 2
+    assert checker.examples[-1]["own_over_nearest"] > serve_check.OWNER_MARGIN
