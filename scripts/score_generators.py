@@ -90,9 +90,10 @@ def main() -> None:
     sets = {"clean": x, "transfer": attacks.fgsm(sub, x, y, a.eps), "oblivious": attacks.fgsm(clf, x, y, a.eps)}
     out_path = Path(a.out)
     doc = json.loads(out_path.read_text()) if out_path.exists() else {}
-    cmd = "python scripts/score_generators.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "generators" and v is not None)
-        + " " + " ".join(a.generators)
+    cmd = ("python scripts/score_generators.py "
+           + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
+                      if k != "generators" and v is not None)
+           + " " + " ".join(a.generators))
     doc.setdefault("commands", [])
     if cmd not in doc["commands"]:
         doc["commands"].append(cmd)  # one per invocation that added generators to this file

@@ -249,3 +249,41 @@ def test_selection_projects_with_the_shortened_paper_search_and_no_encoder(tmp_p
     assert len(seen) == 2   # clean and attacked
     assert {(c.steps, c.restarts, c.encoder_starts, c.optimizer, c.lr) for c in seen} == {(100, 4, 0, "sgd", 10.0)}
     assert "L=100 R=4" in report["measured_on"] and "no encoder start" in report["measured_on"]
+
+
+def test_score_generators_script_scores_and_pairs_every_generator(tmp_path, monkeypatch):
+    """scripts/score_generators.py (comparing generators between leases) on tiny models."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from purifier.models import Classifier, Generator
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("score_generators", root / "scripts" / "score_generators.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fake_dataset(tmp_path / "data", n=12)
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    for f in ("classifier", "substitute"):
+        checkpoint.save_module(Classifier("D"), model_dir / f"{f}.safetensors", "classifier")
+    for name in ("a", "b"):
+        checkpoint.save_module(Generator(dim=4), tmp_path / f"{name}.safetensors", "generator")
+    out = tmp_path / "scores.json"
+    argv = ["score_generators.py", "--model-dir", str(model_dir), "--dataset", "mnist", "--data-dir",
+            str(tmp_path / "data"), "--n", "5", "--projection", "paper:steps=3,restarts=2", "--reference", "a",
+            "--out", str(out), f"a={tmp_path / 'a.safetensors'}", f"b={tmp_path / 'b.safetensors'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    doc = json.loads(out.read_text())
+    gens = doc["generators"]
+    assert set(gens) == {"a", "b"} and doc["reference"] == "a" and len(doc["commands"]) == 1
+    for row in gens.values():
+        assert set(row["correct"]) == {"clean", "transfer", "oblivious"}
+        assert all(len(v) == 5 for v in row["correct"].values())
+        assert 0 <= row["transfer"]["accuracy"] <= 1 and row["clean"]["reconstruction_error"] > 0
+    diff = gens["b"]["minus_reference"]["clean"]["mean"]
+    assert diff == pytest.approx((sum(gens["b"]["correct"]["clean"]) - sum(gens["a"]["correct"]["clean"])) / 5)
+    mod.main()                                        # a rerun keeps what it has
+    assert json.loads(out.read_text())["generators"]["a"]["correct"] == gens["a"]["correct"]
