@@ -31,7 +31,7 @@ import torch
 from purifier import checkpoint, models
 from purifier.evaluation import attacks
 from purifier.benchmark.bench import parse_config
-from purifier.projection import preset, project
+from purifier.projection import preset
 from purifier.stats import paired, wilson_interval
 from purifier.training import parts
 from purifier.training import selection
@@ -49,15 +49,6 @@ def load_generator(spec: str) -> torch.nn.Module:
         G.load_state_dict(g_state)
         return G.eval()
     return checkpoint.load_module(path, "generator")
-
-
-def purified(G, images: torch.Tensor, cfg, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    out, errs = [], []
-    for i in range(0, len(images), batch):
-        r = project(G, images[i:i + batch], cfg)
-        out.append(r.images)
-        errs.append(r.errors)
-    return torch.cat(out), torch.cat(errs)
 
 
 def main() -> None:
@@ -80,9 +71,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     if a.projection is None:
-        a.projection = "paper:" + ",".join(f"{k}={v}" for k, v in selection.PROJECTION.items())
-    _, base = parse_config(f"p={a.projection}")  # NAME=BASE[:key=value,...]
-    proj = preset(base, has_encoder=False, seed=a.seed)
+        proj, described = selection.projection(a.seed), "the selection's (paper, L=100 R=4, bf16 where native)"
+    else:
+        proj = preset(parse_config(f"p={a.projection}")[1], has_encoder=False, seed=a.seed)  # NAME=BASE[:k=v,...]
+        described = a.projection
     md = Path(a.model_dir)
     clf = checkpoint.load_module(md / "classifier.safetensors", "classifier")
     sub = checkpoint.load_module(md / "substitute.safetensors", "classifier")
@@ -99,7 +91,7 @@ def main() -> None:
         doc["commands"].append(cmd)  # one per invocation that added generators to this file
     doc.update({"measured_on": f"{a.n} held-out training images of {a.dataset} (last 5000 of the training split, "
                        f"seed {a.seed}); FGSM eps {a.eps}: transfer from {md}/substitute, oblivious on "
-                       f"{md}/classifier; projection {a.projection} without encoder start; CPU, {a.threads} thread(s)"})
+                       f"{md}/classifier; projection {described} without encoder start; CPU, {a.threads} thread(s)"})
     results = doc.setdefault("generators", {})
     for spec in a.generators:
         label, _, path = spec.partition("=")
@@ -110,7 +102,7 @@ def main() -> None:
         t0 = time.time()
         row = {"path": path, "correct": {}}
         for name, imgs in sets.items():
-            p, e = purified(G, imgs, proj)
+            p, e = selection.purify(G, imgs, proj)
             with torch.no_grad():
                 ok = (clf(p).argmax(1) == y)
             k = int(ok.sum())
@@ -126,11 +118,11 @@ def main() -> None:
         ref = results[a.reference]["correct"]
         for label, row in results.items():
             if label != a.reference:
-                row["minus_reference"] = {k: {kk: (round(v, 4) if isinstance(v, float) else
-                                                        [round(u, 4) for u in v] if isinstance(v, list) else v)
-                                                   for kk, v in paired(torch.tensor(row["correct"][k])
-                                                                       - torch.tensor(ref[k])).items()}
-                                            for k in sets}
+                row["minus_reference"] = {}
+                for k in sets:
+                    d = paired(torch.tensor(row["correct"][k]) - torch.tensor(ref[k]))
+                    row["minus_reference"][k] = {"mean": round(d["mean"], 4), "n": d["n"],
+                                                 "ci95": [round(u, 4) for u in d["ci95"]]}
         doc["reference"] = a.reference
     out_path.write_text(json.dumps(doc, indent=1))
 

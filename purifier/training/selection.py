@@ -38,10 +38,10 @@ from torch import nn
 from .. import checkpoint, data
 from ..evaluation import attacks
 from ..errors import ModelLoadError
-from ..projection import preset, project
+from ..projection import ProjectionConfig, preset, project
+from .classifier import accuracy
 
 PROJECTION = dict(steps=100, restarts=4, precision="auto")  # on the "paper" preset, no encoder start
-from .classifier import accuracy
 
 
 CRITERIA = {  # candidate's scores -> sort key (larger is better)
@@ -61,19 +61,31 @@ def held_out(dataset: str, data_dir: str | None, n: int, holdout: int = 5000,
     return x[idx], y[idx]
 
 
+def projection(seed: int = 0) -> ProjectionConfig:
+    """The selection's projection (``PROJECTION`` on the paper preset, no encoder start)."""
+    return preset("paper", has_encoder=False, seed=seed, **PROJECTION)
+
+
+def purify(generator: nn.Module, images: torch.Tensor, cfg: ProjectionConfig,
+           batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Purified images and their reconstruction errors, ``batch_size`` images at a time."""
+    purified, errors = [], []
+    for i in range(0, len(images), batch_size):
+        res = project(generator, images[i:i + batch_size], cfg)
+        purified.append(res.images)
+        errors.append(res.errors)
+    return torch.cat(purified), torch.cat(errors)
+
+
 def score(generator: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
           x_attacked: torch.Tensor, seed: int = 0, batch_size: int = 250) -> dict:
     """Purified accuracy on clean and attacked images, and mean reconstruction errors."""
-    cfg = preset("paper", has_encoder=False, seed=seed, **PROJECTION)
+    cfg = projection(seed)
     out: dict = {}
     for name, images in (("clean", x), ("attacked", x_attacked)):
-        purified, errors = [], []
-        for i in range(0, len(images), batch_size):
-            res = project(generator, images[i:i + batch_size], cfg)
-            purified.append(res.images)
-            errors.append(res.errors)
-        out[f"{name}_accuracy"] = round(accuracy(classifier, torch.cat(purified), y.cpu()), 4)
-        out[f"{name}_reconstruction_error"] = round(float(torch.cat(errors).mean()), 6)
+        purified, errors = purify(generator, images, cfg, batch_size)
+        out[f"{name}_accuracy"] = round(accuracy(classifier, purified, y.cpu()), 4)
+        out[f"{name}_reconstruction_error"] = round(float(errors.mean()), 6)
     return out
 
 
