@@ -287,3 +287,42 @@ def test_score_generators_script_scores_and_pairs_every_generator(tmp_path, monk
     assert diff == pytest.approx((sum(gens["b"]["correct"]["clean"]) - sum(gens["a"]["correct"]["clean"])) / 5)
     mod.main()                                        # a rerun keeps what it has
     assert json.loads(out.read_text())["generators"]["a"]["correct"] == gens["a"]["correct"]
+
+
+def test_sigterm_checkpoints_and_stops_without_exporting(tmp_path):
+    """A preempted or Ctrl-C'd run keeps its progress: the signal ends the iteration, the
+    checkpoint is written, nothing half-selected is exported, and the handlers are put back."""
+    import os
+    import signal
+    import threading
+
+    from purifier.cli import main
+
+    fake_dataset(tmp_path / "data")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        rc = main(["train-gan", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                   "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--iterations", "1000000",
+                   "--batch-size", "4", "--n-critic", "1", "--checkpoint-every", "1000000",
+                   "--sample-every", "0", "--no-progress"])
+    finally:
+        timer.cancel()
+    assert rc == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    state = parts.load(tmp_path / "run" / "checkpoint")
+    assert 1 <= state["iteration"] < 1000000
+    assert not (tmp_path / "model" / "generator.safetensors").exists()
+    resumed = train(GANTrainConfig(dataset="mnist", data_dir=str(tmp_path / "data"), run_dir=str(tmp_path / "run"),
+                                   out_dir=None, iterations=state["iteration"] + 1, batch_size=4, n_critic=1,
+                                   sample_every=0), resume=True, progress=False)
+    assert resumed["iterations"] == state["iteration"] + 1 and "stopped_by" not in resumed
+
+
+def test_time_limit_summary_says_so(tmp_path):
+    fake_dataset(tmp_path / "data")
+    summary = train(_tiny(tmp_path, "run", iterations=10**6), progress=False, max_seconds=0.0)
+    assert summary["stopped_by"] == "time limit" and not summary["finished"]
+    done = train(_tiny(tmp_path, "run", iterations=summary["iterations"] + 1), resume=True, progress=False)
+    assert done["finished"] and "stopped_by" not in done

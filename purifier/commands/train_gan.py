@@ -105,6 +105,7 @@ def configs(args) -> list:
 
 def run(args) -> int:
     import json
+    import signal
 
     import torch
 
@@ -134,4 +135,9 @@ def run(args) -> int:
                            export_only=args.export_only)
     for s in summaries:
         print(json.dumps(s))
+    stopped = next((s["stopped_by"] for s in summaries if s.get("stopped_by", "time limit") != "time limit"), None)
+    if stopped:  # checkpointed, not exported; the shell's convention for a signal, 128 + its number
+        print(f"stopped by {stopped}: checkpoint saved, nothing exported; rerun with --resume to continue, "
+              f"or --export-only to export it", flush=True)
+        return 128 + int(getattr(signal, stopped))
     return 0

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -477,15 +479,18 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
     """Train several generators at once (one CUDA stream each), round-robin, until each
     reaches its ``iterations`` or ``max_seconds`` pass; checkpoint, then export each."""
     runs = [Run(cfg, resume or export_only) for cfg in cfgs]
+    stopped_by = None
     if not export_only:
         for r in runs:
             r.prepare()
             print(f"{r.cfg.dataset}: training from iteration {r.it} ({r.mode})", flush=True)
-        _loop(runs, progress, max_seconds)
+        stopped_by = _loop(runs, progress, max_seconds)
     summaries = []
     for r in runs:
         summary = r.summary()
-        if r.cfg.out_dir:
+        if stopped_by:
+            summary["stopped_by"] = stopped_by
+        if r.cfg.out_dir and stopped_by in (None, "time limit"):  # a signal wants us gone: no export
             if r.cfg.select_by in ("transfer", "defense") and r.model.G_ema is not None:
                 from . import selection as sel
 
@@ -504,7 +509,45 @@ def train_many(cfgs: list[GANTrainConfig], resume: bool = False, progress: bool 
     return summaries
 
 
-def _loop(runs: list[Run], progress: bool, max_seconds: float | None) -> None:
+class _StopOnSignal:
+    """SIGTERM or SIGINT (Ctrl-C, a preempted pod, `timeout`) asks the loop to finish the
+    iteration, checkpoint and stop, so a long run loses nothing; a second signal stops at once.
+    Only the main thread may install handlers; elsewhere (a notebook's worker) this does nothing."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
+        self.name = signal.Signals(signum).name
+        print(f"{self.name}: checkpointing after this iteration (send it again to stop at once)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _rate(n: int, seconds: float) -> str:
+    r = n / max(seconds, 1e-9)
+    return f"{r:.0f}" if r >= 10 else f"{r:.2f}"  # a CPU trains ~1.5 it/s: "1" or "2" said nothing
+
+
+def _loop(runs: list[Run], progress: bool, max_seconds: float | None) -> str | None:
+    """Train until every run is done (None), ``max_seconds`` pass ("time limit") or a signal
+    arrives ("SIGTERM"/"SIGINT"); in the last two cases checkpoint first."""
+    with _StopOnSignal() as stop:
+        return _train_until(runs, progress, max_seconds, stop)
+
+
+def _train_until(runs: list[Run], progress: bool, max_seconds: float | None, stop: _StopOnSignal) -> str | None:
     bars = {}
     if progress:
         from tqdm import tqdm
@@ -514,6 +557,7 @@ def _loop(runs: list[Run], progress: bool, max_seconds: float | None) -> None:
     last_report = t_start
     active = [r for r in runs if r.it < r.cfg.iterations]
     report_from = {id(r): r.it for r in runs}
+    reason = None
     while active:
         t0 = time.time()
         done = [(r, r.advance()) for r in active]   # all runs' work queued before any sync
@@ -523,22 +567,23 @@ def _loop(runs: list[Run], progress: bool, max_seconds: float | None) -> None:
                 bars[id(r)].update(n)
         now = time.time()
         if not progress and now - last_report > 30:  # a line every 30 s for logs
-            rates = ", ".join(f"{r.cfg.dataset} {r.it} ({(r.it - report_from[id(r)]) / (now - last_report):.0f} it/s)"
+            rates = ", ".join(f"{r.cfg.dataset} {r.it} ({_rate(r.it - report_from[id(r)], now - last_report)} it/s)"
                               for r in runs)
             print(f"[{now - t_start:.0f}s] {rates}", flush=True)
             report_from, last_report = {id(r): r.it for r in runs}, now
-        out_of_time = max_seconds is not None and now - t_start > max_seconds
-        if out_of_time:
-            for r in active:
-                if r.it < r.cfg.iterations:
-                    r.save()
-                    r.sample()
-                    print(f"{r.cfg.dataset}: stopping after {max_seconds:.0f}s at iteration {r.it}; "
-                          f"--resume continues", flush=True)
-            break
         active = [r for r in active if r.it < r.cfg.iterations]
+        reason = stop.name or ("time limit" if max_seconds is not None and now - t_start > max_seconds else None)
+        if active and reason:
+            for r in active:
+                r.save()
+                r.sample()
+                why = stop.name or f"after {max_seconds:.0f}s"
+                print(f"{r.cfg.dataset}: stopping ({why}) at iteration {r.it}; checkpoint saved, "
+                      f"--resume continues", flush=True)
+            break
     for b in bars.values():
         b.close()
+    return reason if active else None
 
 
 # --- export --------------------------------------------------------------------------------------
