@@ -14,6 +14,11 @@
 #     runs the code as committed, not another agent's half-made edit, with links to data/,
 #     models/ and runs/;
 #   - puts the data sets into data/<name>/ (git-ignored), Fashion-MNIST's training images as xz.
+# WARM_MNIST=DIR / WARM_FASHION_MNIST=DIR (optional): the lease continues that data set from another
+# export, e.g. a run continued on the CPU (`train-gan --export-only --out DIR`), instead of the shipped
+# one: DIR's generator, critic and card stand in for models/<ds>'s during the lease (the same size, so
+# the 64 MiB hold); `restore` puts the shipped ones back unless the lease's own export was unpacked
+# over them.
 # Then, in the device call: carry [".lease", "data"] and run
 #   mkdir -p runs && cd .lease && OUT=$OUT bash scripts/gpu_train.sh     (call 1)
 #   cd .lease && OUT=$OUT bash scripts/gpu_eval.sh                       (call 2, same warm machine)
@@ -28,9 +33,24 @@ case "${1:-}" in
 prepare)
   [ -e "$HOLD/held.tar" ] && { echo "already prepared ($HOLD/held.tar exists); restore first" >&2; exit 1; }
   mkdir -p "$HOLD"
-  tar -cf "$HOLD/held.tar" "${HELD[@]}"
+  SWAP=()  # models/<ds>/{generator,critic,card} replaced by a WARM_<DS> export for the lease
+  for ds in mnist fashion-mnist; do
+    var=WARM_$(echo "$ds" | tr 'a-z-' 'A-Z_'); src=${!var:-}
+    [ -z "$src" ] && continue
+    for f in generator.safetensors critic.safetensors card.json; do
+      [ -f "$src/$f" ] || { echo "$var=$src has no $f (train-gan --export-only --out $src writes all three)" >&2; exit 1; }
+      SWAP+=("models/$ds/$f")
+    done
+  done
+  tar -cf "$HOLD/held.tar" "${HELD[@]}" "${SWAP[@]}"
   git rm -r -q --cached "${HELD[@]}"
   rm -rf "${HELD[@]}"
+  : > "$HOLD/swapped.sha256"
+  for f in "${SWAP[@]}"; do
+    ds=$(basename "$(dirname "$f")"); var=WARM_$(echo "$ds" | tr 'a-z-' 'A-Z_')
+    cp "${!var}/$(basename "$f")" "$f" && sha256sum "$f" >> "$HOLD/swapped.sha256"
+    echo "warm start: $f from ${!var}"
+  done
   grep -qx '/.lease/' .git/info/exclude 2>/dev/null || echo '/.lease/' >> .git/info/exclude
   rm -rf .lease && mkdir .lease
   git archive HEAD purifier scripts tests pyproject.toml | tar -x -C .lease
@@ -65,9 +85,14 @@ EOF
   ;;
 restore)
   [ -e "$HOLD/held.tar" ] || { echo "nothing held in $HOLD" >&2; exit 1; }
+  # a stand-in the lease's export did not replace goes; the shipped file comes back from the tar
+  while read -r sum f; do
+    if [ "$(sha256sum "$f" 2>/dev/null | cut -d' ' -f1)" = "$sum" ]; then rm -f "$f"
+    else echo "kept $f: the lease's export replaced the warm-start stand-in"; fi
+  done < <(cat "$HOLD/swapped.sha256" 2>/dev/null)
   tar -xf "$HOLD/held.tar" --skip-old-files
   git reset -q HEAD -- "${HELD[@]}"
-  rm -f "$HOLD/held.tar"
+  rm -f "$HOLD/held.tar" "$HOLD/swapped.sha256"
   git status --short -- "${HELD[@]}"
   ;;
 *)
