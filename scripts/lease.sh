@@ -33,23 +33,22 @@ case "${1:-}" in
 prepare)
   [ -e "$HOLD/held.tar" ] && { echo "already prepared ($HOLD/held.tar exists); restore first" >&2; exit 1; }
   mkdir -p "$HOLD"
-  SWAP=()  # models/<ds>/{generator,critic,card} replaced by a WARM_<DS> export for the lease
+  SWAP=() FROM=()  # models/<ds>/{generator,critic,card} and the WARM_<DS> files that stand in for them
   for ds in mnist fashion-mnist; do
     var=WARM_$(echo "$ds" | tr 'a-z-' 'A-Z_'); src=${!var:-}
     [ -z "$src" ] && continue
     for f in generator.safetensors critic.safetensors card.json; do
       [ -f "$src/$f" ] || { echo "$var=$src has no $f (train-gan --export-only --out $src writes all three)" >&2; exit 1; }
-      SWAP+=("models/$ds/$f")
+      SWAP+=("models/$ds/$f") FROM+=("$src/$f")
     done
   done
   tar -cf "$HOLD/held.tar" "${HELD[@]}" "${SWAP[@]}"
   git rm -r -q --cached "${HELD[@]}"
   rm -rf "${HELD[@]}"
   : > "$HOLD/swapped.sha256"
-  for f in "${SWAP[@]}"; do
-    ds=$(basename "$(dirname "$f")"); var=WARM_$(echo "$ds" | tr 'a-z-' 'A-Z_')
-    cp "${!var}/$(basename "$f")" "$f" && sha256sum "$f" >> "$HOLD/swapped.sha256"
-    echo "warm start: $f from ${!var}"
+  for i in "${!SWAP[@]}"; do
+    cp "${FROM[$i]}" "${SWAP[$i]}" && sha256sum "${SWAP[$i]}" >> "$HOLD/swapped.sha256"
+    echo "warm start: ${SWAP[$i]} from ${FROM[$i]}"
   done
   grep -qx '/.lease/' .git/info/exclude 2>/dev/null || echo '/.lease/' >> .git/info/exclude
   rm -rf .lease && mkdir .lease
@@ -86,10 +85,10 @@ EOF
 restore)
   [ -e "$HOLD/held.tar" ] || { echo "nothing held in $HOLD" >&2; exit 1; }
   # a stand-in the lease's export did not replace goes; the shipped file comes back from the tar
-  while read -r sum f; do
+  [ -f "$HOLD/swapped.sha256" ] && while read -r sum f; do
     if [ "$(sha256sum "$f" 2>/dev/null | cut -d' ' -f1)" = "$sum" ]; then rm -f "$f"
     else echo "kept $f: the lease's export replaced the warm-start stand-in"; fi
-  done < <(cat "$HOLD/swapped.sha256" 2>/dev/null)
+  done < "$HOLD/swapped.sha256"
   tar -xf "$HOLD/held.tar" --skip-old-files
   git reset -q HEAD -- "${HELD[@]}"
   rm -f "$HOLD/held.tar" "$HOLD/swapped.sha256"
