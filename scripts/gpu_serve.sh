@@ -30,8 +30,22 @@ if ls "$WHL"/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 log "python: $($PY -c 'import grpc, google.protobuf as p, torch; print(grpc.__version__, p.__version__, torch.__version__)' 2>&1)"
+# The model served must have an encoder: `fast` without one starts from random latents only, and
+# then serve_check's unseeded "owner" check fails without a misrouted answer (2026-11-28, H200:
+# call 1's encoder-less export, 184 "owner" failures, every reported error and seeded answer right).
+# Call 1's export has none (scripts/lease.sh holds encoders out), so serve the shipped model with
+# its encoder, carried in .lease-enc/ (lease.sh prepare writes it; carry it in call 2).
 MODEL=$W/models/$DS
 [ -e "$MODEL/generator.safetensors" ] || MODEL=models/$DS   # no call 1 on this machine: the shipped one
+if [ ! -f "$MODEL/encoder.safetensors" ]; then
+  if [ -f "../.lease-enc/$DS/encoder.safetensors" ] && [ -f "models/$DS/generator.safetensors" ]; then
+    rm -rf "$W/serve-$DS" && mkdir -p "$W/serve-$DS" && cp models/$DS/* "$W/serve-$DS/" \
+      && cp "../.lease-enc/$DS/encoder.safetensors" "$W/serve-$DS/" && MODEL=$W/serve-$DS
+    log "serving the shipped $DS model with its carried encoder ($MODEL)"
+  else
+    log "WARNING: $MODEL has no encoder (carry .lease-enc): the owner check can fail without misrouting"
+  fi
+fi
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if has tests; then

@@ -19,9 +19,11 @@
 # one: DIR's generator, critic and card stand in for models/<ds>'s during the lease (the same size, so
 # the 64 MiB hold); `restore` puts the shipped ones back unless the lease's own export was unpacked
 # over them.
+#   - copies the held encoders to .lease-enc/ (git-ignored), for call 2's serving check.
 # Then, in the device call: carry [".lease", "data"] and run
 #   mkdir -p runs && cd .lease && OUT=$OUT bash scripts/gpu_train.sh     (call 1)
-#   cd .lease && OUT=$OUT bash scripts/gpu_eval.sh                       (call 2, same warm machine)
+#   cd .lease && OUT=$OUT bash scripts/gpu_eval.sh                       (call 2, same warm machine;
+#   carry [".lease", ".whl", ".lease-enc"] when it runs scripts/gpu_serve.sh too)
 # Between calls the tree must stay as `prepare` left it. See docs/DEVELOPING.md, "A lent GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,10 @@ prepare)
     done
   done
   tar -cf "$HOLD/held.tar" "${HELD[@]}" "${SWAP[@]}"
+  # the encoders again, for call 2 only (carry .lease-enc; 12 MiB): gpu_serve.sh serves a model with one
+  rm -rf .lease-enc && for ds in mnist fashion-mnist; do
+    mkdir -p .lease-enc/$ds && cp models/$ds/encoder.safetensors .lease-enc/$ds/; done
+  grep -qx '/.lease-enc/' .git/info/exclude 2>/dev/null || echo '/.lease-enc/' >> .git/info/exclude
   git rm -r -q --cached "${HELD[@]}"
   rm -rf "${HELD[@]}"
   : > "$HOLD/swapped.sha256"
@@ -92,6 +98,7 @@ restore)
   tar -xf "$HOLD/held.tar" --skip-old-files
   git reset -q HEAD -- "${HELD[@]}"
   rm -f "$HOLD/held.tar" "$HOLD/swapped.sha256"
+  rm -rf .lease-enc
   git status --short -- "${HELD[@]}"
   ;;
 *)
