@@ -54,3 +54,20 @@ def tiny_model_dir(tmp_path):
     checkpoint.write_card(d, {"dataset": "tiny", "files": {"generator": "generator.safetensors"},
                               "detection": {"threshold": 0.05, "target_fpr": 0.05}})
     return d
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("name")``: scripts/name.py imported as a module (scripts/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -251,18 +251,13 @@ def test_selection_projects_with_the_shortened_paper_search_and_no_encoder(tmp_p
     assert "L=100 R=4" in report["measured_on"] and "no encoder start" in report["measured_on"]
 
 
-def test_score_generators_script_scores_and_pairs_every_generator(tmp_path, monkeypatch):
+def test_score_generators_script_scores_and_pairs_every_generator(tmp_path, monkeypatch, load_script):
     """scripts/score_generators.py (comparing generators between leases) on tiny models."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
     from purifier.models import Classifier, Generator
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("score_generators", root / "scripts" / "score_generators.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("score_generators")
     fake_dataset(tmp_path / "data", n=12)
     model_dir = tmp_path / "model"
     torch.manual_seed(0)

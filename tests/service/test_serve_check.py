@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from purifier.proto.purifier.v1 import purifier_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def serve_check():
-    spec = importlib.util.spec_from_file_location("serve_check", ROOT / "scripts" / "serve_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def serve_check(load_script):
+    return load_script("serve_check")
 
 
 def answer(out: np.ndarray, errors) -> pb.PurifyResponse:

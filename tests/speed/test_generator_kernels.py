@@ -5,7 +5,6 @@ a test; its check ran on the H200 too, docs/speed.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,15 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def kernels():
-    spec = importlib.util.spec_from_file_location("bench_generator_kernels", ROOT / "scripts" / "bench_generator_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def kernels(load_script):
+    return load_script("bench_generator_kernels")
 
 
 def run(kernels, monkeypatch, out: Path) -> int:
