@@ -61,6 +61,14 @@ def step(g: nn.Module, z: torch.Tensor, x: torch.Tensor, bf16: bool) -> torch.Te
     return z.grad
 
 
+def frozen(name: str, base: Generator) -> nn.Module:
+    """Formulation ``name`` of ``base``'s weights, in eval mode, weights frozen (only dL/dz)."""
+    g = IMPLS[name](base).eval()
+    for q in g.parameters():
+        q.requires_grad_(False)
+    return g
+
+
 def flops(g: nn.Module, z: torch.Tensor, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -125,10 +133,7 @@ def main() -> int:
     base: Generator = checkpoint.load_bundle(args.model_dir, device).generator.eval()
     for q in base.parameters():
         q.requires_grad_(False)
-    impls = {name: IMPLS[name](base).eval() for name in args.impls.split(",")}
-    for g in impls.values():
-        for q in g.parameters():
-            q.requires_grad_(False)
+    impls = {name: frozen(name, base) for name in args.impls.split(",")}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model_dir": args.model_dir,
               "settings": vars(args), "equivalence": {}, "cells": []}
@@ -145,9 +150,7 @@ def main() -> int:
     ref_out, ref_grad = b64(z64), step(b64, z64, x64, False)
     ok = True
     for name in impls:
-        g = IMPLS[name](b64).eval()
-        for q in g.parameters():
-            q.requires_grad_(False)
+        g = frozen(name, b64)
         d_out = (g(z64) - ref_out).abs().max().item()
         d_grad = (step(g, z64, x64, False) - ref_grad).abs().max().item()
         result["equivalence"][name] = {"max_abs_out": d_out, "max_abs_grad": d_grad,

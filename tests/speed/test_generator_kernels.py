@@ -1,7 +1,7 @@
 """scripts/bench_generator_kernels.py (issue 15, item 3) on the CPU: the three formulations of the
 generator's latent-step agree (checked in float64), the check fails a formulation that does not,
 and the result records the TF32 flags its fp32 timings ran under (the GPU run is a benchmark, not
-a test; its check ran on the H200 too, docs/speed.md)."""
+a test; the float64 check has not yet run on a GPU, docs/speed.md)."""
 
 from __future__ import annotations
 
