@@ -10,8 +10,15 @@ Each argument is one lease's results folder and the iteration count its shipped 
 
 Reads <dir>/sweep/<dataset>-iterNNNNNN/results.json (a snapshot's EMA generator) and
 <dir>/<dataset>-paper/results.json (the shipped generator, iteration from its card section in
-the results' fingerprint, else the DIR:ITERATIONS suffix or --final-iterations). Prints a markdown table; computes nothing
-that the evals did not measure.
+the results' fingerprint, else the DIR:ITERATIONS suffix or --final-iterations). ``--shipped
+DIR:ITERATIONS`` adds one more shipped generator from a single paper-setting eval's folder
+(DIR/results.json; its data set read from the results), e.g. one run on the CPU:
+
+    python scripts/training_curve.py docs/results/h100-28k:28000 docs/results/h100-56k:56000 \
+        docs/results/h200-100k --shipped docs/results/mnist-paper-100k-cpu:100750 \
+        --shipped docs/results/fashion-mnist-paper-93k-cpu:93000 --out docs/figures/robustness-vs-iterations.png
+
+Prints a markdown table; computes nothing that the evals did not measure.
 """
 
 from __future__ import annotations
@@ -57,19 +64,31 @@ def table(dataset: str, rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bases", nargs="+", metavar="DIR[:ITERATIONS]",
                     help="folders with sweep/ and <dataset>-paper/ eval results; ITERATIONS: the "
                          "shipped generator's iteration count in that folder (default --final-iterations)")
     ap.add_argument("--out", default=None, help="PNG figure path")
     ap.add_argument("--final-iterations", type=int, default=28000)
-    args = ap.parse_args()
+    ap.add_argument("--shipped", action="append", default=[], metavar="DIR:ITERATIONS",
+                    help="a single paper-setting eval of a shipped generator (DIR/results.json) "
+                         "and that generator's iteration count; repeatable")
+    args = ap.parse_args(argv)
     data: dict[str, list[dict]] = {"mnist": [], "fashion-mnist": []}
     for spec in args.bases:
         folder, _, its = spec.partition(":")
         for ds in data:
             data[ds] += rows(Path(folder), ds, int(its) if its else args.final_iterations)
+    for spec in args.shipped:
+        folder, sep, its = spec.rpartition(":")
+        if not sep or not its.isdigit():
+            ap.error(f"--shipped {spec!r}: expected DIR:ITERATIONS")
+        result = json.loads((Path(folder) / "results.json").read_text())
+        ds = result["settings"]["dataset"]
+        if ds not in data:
+            ap.error(f"--shipped {spec!r}: data set {ds!r} is not one of {sorted(data)}")
+        data[ds].append(_row(result, int(its), "shipped"))
     data = {ds: sorted(rs, key=lambda r: r["iterations"]) for ds, rs in data.items()}
     for ds, rs in data.items():
         print(table(ds, rs) + "\n")
