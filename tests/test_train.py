@@ -11,7 +11,7 @@ from purifier import checkpoint
 from purifier.training import parts
 from purifier.training.classifier import ClassifierTrainConfig, random_shift
 from purifier.training.classifier import train as train_classifier
-from purifier.training.gan import GANTrainConfig, WGANGP, train, train_many
+from purifier.training.gan import GANTrainConfig, Run, WGANGP, train, train_many
 from test_data import write_idx  # tests/ is on sys.path (rootdir conftest)
 
 
@@ -41,7 +41,7 @@ def test_gan_training_checkpoints_resumes_and_exports(tmp_path):
     assert card["generator"]["training"]["export_selection"]["exported"] in ("G", "G_ema")
     g = checkpoint.load_generator(tmp_path / "model" / "generator.safetensors")
     assert g(torch.randn(2, 128)).shape == (2, 1, 28, 28)
-    assert card["generator"]["training"]["recipe"].startswith("WGAN-GP (GP 10.0, 1 critic steps per G step")
+    assert card["generator"]["training"]["recipe"].startswith("WGAN-GP (GP 10.0, 1 critic step per G step")
     assert card["generator"]["training"]["recipe"].endswith("(warm-up min(decay, (1+t)/(10+t)))")
 
 
@@ -179,6 +179,64 @@ def test_warm_start_continues_from_an_exported_generator_and_critic(tmp_path):
     assert torch.equal(r.model.G.fc.weight, shipped.fc.weight) and torch.equal(r.model.G_ema.fc.weight, shipped.fc.weight)
     assert torch.equal(r.model.D.fc.weight, critic.fc.weight)
     assert train(cfg, resume=True, progress=False)["iterations"] == 5
+
+
+HINGE = dict(loss="hinge", spectral_norm=True, n_critic=1, lr=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9)
+
+
+def test_hinge_sn_resumes_exactly_and_exports_a_plain_critic(tmp_path):
+    """The SN-GAN recipe: no penalty, hinge loss (never negative), N + resume N == 2N (the
+    power-iteration vectors are in the checkpoint), and an exported critic that loads as the
+    plain Critic the card describes, its weights W / sigma(W)."""
+    from torch.nn.utils import parametrize
+
+    fake_dataset(tmp_path / "data")
+    train(_tiny(tmp_path, "straight", iterations=4, **HINGE), progress=False)
+    train(_tiny(tmp_path, "split", iterations=2, **HINGE), progress=False)
+    last = train(_tiny(tmp_path, "split", iterations=4, out_dir=str(tmp_path / "model"), **HINGE),
+                 resume=True, progress=False)
+    a_state, a = _weights(tmp_path / "straight")
+    b_state, b = _weights(tmp_path / "split")
+    assert any("parametrizations.weight.original" in k for k in a) and any(k.endswith("_u") for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    hist = json.loads(a_state["history"])
+    assert all(h["gp"] == 0.0 and h["d_loss"] >= 0.0 for h in hist) and len(hist) == 4
+    assert last["segments"][0]["loss"] == "hinge" and last["segments"][0]["spectral_norm"] is True
+    card = json.loads((tmp_path / "model" / "card.json").read_text())["generator"]["training"]
+    assert card["recipe"].startswith("hinge loss (spectral norm on the critic, no GP, 1 critic step per G step, "
+                                     "Adam G 0.0001 / critic 0.0004, betas 0.0/0.9)")
+    assert "--loss hinge --spectral-norm" in card["command"] and "--lr-d 0.0004" in card["command"]
+    critic = checkpoint.load_module(tmp_path / "model" / "critic.safetensors", "critic")
+    assert not any(parametrize.is_parametrized(m) for m in critic.modules())
+    r = Run(_tiny(tmp_path, "split", iterations=4, **HINGE), resume=True)
+    x = torch.rand(3, 1, 28, 28)
+    r.model.D.eval()   # eval: the parametrisation uses the stored vectors without a power-iteration step
+    with torch.no_grad():
+        assert torch.allclose(critic(x), r.model.D(x), atol=1e-5)
+
+
+def test_resume_with_another_critic_parametrisation_is_a_clear_error(tmp_path):
+    from purifier.errors import ConfigError
+
+    fake_dataset(tmp_path / "data")
+    train(_tiny(tmp_path, "run", iterations=1, **HINGE), progress=False)
+    plain = {**HINGE, "spectral_norm": False}
+    with pytest.raises(ConfigError, match="trained with --spectral-norm"):
+        train(_tiny(tmp_path, "run", iterations=2, **plain), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        _tiny(tmp_path, "x", loss="lsgan")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hinge_sn_graph_step_matches_eager(tmp_path):
+    """The spectral norm's power iteration updates buffers in place: the capture must replay it."""
+    from purifier.training.gan import check_graph
+
+    cfg = _tiny(tmp_path, "gpu", iterations=3, device="cuda", **HINGE)
+    assert check_graph(cfg, torch.rand(8, 1, 28, 28), torch.device("cuda"), iterations=3)["ok"]
 
 
 @pytest.mark.gpu
