@@ -7,9 +7,10 @@ no change to the training code, each from the same seed on the same data:
   channels_last   models and training images in NHWC memory format
   bf16            the whole update under torch.autocast(bfloat16) (weights and Adam stay fp32)
   bf16_cl         both
-  hinge_sn        the other recipe train-gan offers (--loss hinge --spectral-norm, one critic
-                  step, TTUR 1e-4 / 4e-4, betas 0/0.9): no double backward, ~6x cheaper per
-                  generator iteration on the CPU; its speed on a GPU is what this measures
+  sn1             the cheaper recipe train-gan offers (--spectral-norm --gp-weight 0 --n-critic 1:
+                  WGAN loss, spectral norm on the critic instead of the penalty, one critic step):
+                  no double backward, ~5x cheaper per generator iteration on the CPU; its speed
+                  on a GPU is what this measures
 
 and, with ``--profile``, the eager step's top kernels by GPU time (torch.profiler), so the next
 lease knows whether the convolutions' double backward or something else bounds it.
@@ -38,12 +39,12 @@ from purifier import data  # noqa: E402
 from purifier.hardware import describe  # noqa: E402
 from purifier.training.gan import GANTrainConfig, WGANGP  # noqa: E402
 
-VARIANTS = ("base", "channels_last", "bf16", "bf16_cl", "hinge_sn")
-HINGE_SN = dict(loss="hinge", spectral_norm=True, n_critic=1, lr=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9)
+VARIANTS = ("base", "channels_last", "bf16", "bf16_cl", "sn1")
+SN1 = dict(spectral_norm=True, gp_weight=0.0, n_critic=1)
 
 
 def build(variant: str, images: torch.Tensor, device: torch.device, seed: int) -> WGANGP:
-    cfg = GANTrainConfig(device=str(device), seed=seed, **(HINGE_SN if variant == "hinge_sn" else {}))
+    cfg = GANTrainConfig(device=str(device), seed=seed, **(SN1 if variant == "sn1" else {}))
     if variant.endswith("cl") or variant == "channels_last":
         images = images.contiguous(memory_format=torch.channels_last)
     wg = WGANGP(cfg, images, device)

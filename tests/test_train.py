@@ -217,6 +217,33 @@ def test_hinge_sn_resumes_exactly_and_exports_a_plain_critic(tmp_path):
         assert torch.allclose(critic(x), r.model.D(x), atol=1e-5)
 
 
+def test_wgan_loss_with_spectral_norm_and_no_penalty(tmp_path):
+    """--spectral-norm --gp-weight 0: the WGAN loss with the penalty's double backward skipped
+    (the penalty term is 0, the critic loss can go negative) and a card that says so."""
+    fake_dataset(tmp_path / "data")
+    cfg = _tiny(tmp_path, "run", iterations=3, spectral_norm=True, gp_weight=0.0, n_critic=1,
+                out_dir=str(tmp_path / "model"))
+    train(cfg, progress=False)
+    state, _ = _weights(tmp_path / "run")
+    hist = json.loads(state["history"])
+    assert len(hist) == 3 and all(h["gp"] == 0.0 for h in hist)
+    recipe = json.loads((tmp_path / "model" / "card.json").read_text())["generator"]["training"]["recipe"]
+    assert recipe.startswith("WGAN loss (spectral norm on the critic, no GP, 1 critic step per G step, Adam 0.0001")
+    calls = []
+    import purifier.training.gan as gan
+    real_gp = gan.gradient_penalty
+    gan.gradient_penalty = lambda *a: calls.append(1) or real_gp(*a)
+    try:
+        m = WGANGP(cfg, torch.rand(8, 1, 28, 28), torch.device("cpu"))
+        m.step()
+        assert calls == []                              # no double backward paid for a zero weight
+        m.cfg.gp_weight = 10.0
+        m.step()
+        assert calls == [1]
+    finally:
+        gan.gradient_penalty = real_gp
+
+
 def test_resume_with_another_critic_parametrisation_is_a_clear_error(tmp_path):
     from purifier.errors import ConfigError
 

@@ -96,10 +96,13 @@ class GANTrainConfig:
     def recipe(self) -> str:
         crit = f"{self.n_critic} critic step{'s' if self.n_critic != 1 else ''} per G step"
         adam = (f"Adam {self.lr}" if self.lr_d in (None, self.lr) else f"Adam G {self.lr} / critic {self.lr_d}")
-        head = (f"WGAN-GP (GP {self.gp_weight}" if self.loss == "wgan-gp"
-                else f"hinge loss ({'spectral norm on the critic, ' if self.spectral_norm else ''}no GP")
-        if self.loss == "wgan-gp" and self.spectral_norm:
-            head += ", spectral norm on the critic"
+        sn = "spectral norm on the critic, " if self.spectral_norm else ""
+        if self.loss == "hinge":
+            head = f"hinge loss ({sn}no GP"
+        elif self.gp_weight:
+            head = f"WGAN-GP (GP {self.gp_weight}" + (", spectral norm on the critic" if sn else "")
+        else:
+            head = f"WGAN loss ({sn}no GP"
         return (f"{head}, {crit}, {adam}, betas {self.beta1}/{self.beta2})"
                 + (f"; EMA of G with decay {self.ema} (warm-up min(decay, (1+t)/(10+t)))" if self.ema else "; no EMA"))
 
@@ -197,11 +200,12 @@ class WGANGP:
             with torch.no_grad():
                 fake = G(z_d[k])
             scores = D(torch.cat([real, fake]))                              # (2B,) one pass for both
-            if cfg.loss == "hinge":  # alpha is drawn all the same: one random stream for both recipes
-                gp = torch.zeros((), device=real.device)
+            # alpha is drawn all the same: one random stream whatever the recipe
+            gp = (gradient_penalty(D, real, fake, alpha[k]) if cfg.loss == "wgan-gp" and cfg.gp_weight
+                  else torch.zeros((), device=real.device))
+            if cfg.loss == "hinge":
                 d_loss = torch.relu(1 - scores[:B]).mean() + torch.relu(1 + scores[B:]).mean()
             else:
-                gp = gradient_penalty(D, real, fake, alpha[k])
                 d_loss = scores[B:].mean() - scores[:B].mean() + cfg.gp_weight * gp
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
