@@ -72,8 +72,10 @@ for ds in mnist fashion-mnist; do
   cp "$W/gan-$ds/samples/$(ls "$W/gan-$ds/samples" | tail -1)" "$W/samples-$ds.png" 2>/dev/null
 done
 # 4. optionally (PROFILE_S > 0) the step profile (issue 9: 65 it/s per data set is not launch-bound any more):
-#    graph-captured step as is / channels-last / bf16 autocast / both, and the eager step's top
-#    kernels. After the training, bounded, so it never costs the generators their minutes.
+#    graph-captured step as is / channels-last / bf16 autocast / both / the cheaper sn1 recipe
+#    (spectral norm, no penalty, one critic step), and the eager step's top kernels
+#    (PROFILE_VARIANTS=base,sn1 picks some). After the training, bounded, so it never costs the
+#    generators their minutes.
 #    Runs after the models are packed, within what is left of BUDGET_S, so a slow profile can
 #    never cost the lease its generators.
 PS=${PROFILE_S:-0};  # measured on 2026-11-27 (docs/results.md); PROFILE_S=60 profiles again
@@ -81,7 +83,8 @@ PS=${PROFILE_S:-0};  # measured on 2026-11-27 (docs/results.md); PROFILE_S=60 pr
 if [ "$PS" -gt 0 ]; then
   PIT=300; [ "$QUICK" = 1 ] && PIT=2
   step profile-gan-step "$PS" $PY scripts/profile_gan_step.py --dataset mnist --data-dir data/mnist \
-    --device $DEVICE --iterations $PIT --profile --out "$OUT/profile-gan-step.json"
+    --device $DEVICE --iterations $PIT --profile --out "$OUT/profile-gan-step.json" \
+    ${PROFILE_VARIANTS:+--variants $PROFILE_VARIANTS}
 fi
 
 (cd "$W" && tar -czf "$OUT/logs1.tar.gz" --ignore-failed-read *.log *.txt samples-*.png gan-*/samples) 2>/dev/null
