@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from .common import add_device, resolve_device
 
-HELP = "train the Defense-GAN generator with WGAN-GP, or hinge + spectral norm (graph-captured on CUDA, checkpoints, --resume)"
+HELP = "train the Defense-GAN generator with WGAN-GP (graph-captured on CUDA, checkpoints, --resume)"
 DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -31,13 +31,11 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=C.batch_size)
     p.add_argument("--n-critic", type=int, default=C.n_critic)
     p.add_argument("--lr", type=float, default=C.lr)
-    p.add_argument("--gp-weight", type=float, default=C.gp_weight)
-    p.add_argument("--loss", choices=["wgan-gp", "hinge"], default=C.loss,
-                   help="wgan-gp: the original's recipe (gradient penalty, a double backward per critic step); "
-                        "hinge: hinge loss without a penalty, with --spectral-norm the SN-GAN recipe (an "
-                        "experiment: judged by the robustness of what it trains, docs/results.md)")
-    p.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on the critic's layers")
-    p.add_argument("--lr-d", type=float, default=C.lr_d, help="the critic's Adam step size (default: --lr)")
+    p.add_argument("--gp-weight", type=float, default=C.gp_weight,
+                   help="gradient penalty weight; 0 skips the penalty and its double backward")
+    p.add_argument("--spectral-norm", action="store_true",
+                   help="spectral normalisation on the critic's layers; with --gp-weight 0 --n-critic 1 the "
+                        "cheaper recipe issue 9 tries (an experiment: docs/results.md has what it trained)")
     p.add_argument("--beta1", type=float, default=C.beta1, help="Adam beta1 of both optimisers")
     p.add_argument("--beta2", type=float, default=C.beta2, help="Adam beta2 of both optimisers")
     p.add_argument("--ema", type=float, default=C.ema, help="EMA decay of G (0: off)")
@@ -105,7 +103,7 @@ def configs(args) -> list:
             run_dir=fill(args.run_dir) or f"runs/gan-{name_of(d)}",
             out_dir=fill(args.out), iterations=args.iterations, batch_size=args.batch_size,
             n_critic=args.n_critic, lr=args.lr, gp_weight=args.gp_weight, ema=args.ema, seed=args.seed,
-            loss=args.loss, spectral_norm=args.spectral_norm, lr_d=args.lr_d, beta1=args.beta1, beta2=args.beta2,
+            spectral_norm=args.spectral_norm, beta1=args.beta1, beta2=args.beta2,
             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
             snapshot_at=snaps, cuda_graph=args.cuda_graph, part_mib=args.part_mib,
             select_images=args.select_images, select_by=args.select_by, warm_start=fill(args.warm_start), device=device))
