@@ -100,7 +100,6 @@ class GANTrainConfig:
                 + (f"; EMA of G with decay {self.ema} (warm-up min(decay, (1+t)/(10+t)))" if self.ema else "; no EMA"))
 
 
-
 # --- the model and its step --------------------------------------------------------------------
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
@@ -190,10 +189,10 @@ class WGANGP:
             real = self.images[idx[k]]                                       # (B, C, H, W)
             with torch.no_grad():
                 fake = G(z_d[k])
-            scores = D(torch.cat([real, fake]))                              # (2B,) one pass for both
             # without a penalty, alpha is drawn all the same: one random stream whatever the recipe
             gp = (gradient_penalty(D, real, fake, alpha[k]) if cfg.gp_weight
                   else torch.zeros((), device=real.device))
+            scores = D(torch.cat([real, fake]))                              # (2B,) one pass for both
             d_loss = scores[B:].mean() - scores[:B].mean() + cfg.gp_weight * gp
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
