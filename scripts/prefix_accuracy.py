@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     for folder in sorted((args.run / "cache" / "purified").glob("*/*")):
         if folder.parent.name.startswith("blackbox"):
             continue
-        pred = cached_preds(folder)
+        name, pred = f"{folder.parent.name}/{folder.name}", cached_preds(folder)
         if len(pred) != len(y):
-            print(json.dumps({"set": f"{folder.parent.name}/{folder.name}", "skipped": f"{len(pred)} of {len(y)} images cached"}))
+            print(json.dumps({"set": name, "skipped": f"{len(pred)} of {len(y)} images cached"}))
             continue
         right = (pred == y).float()
-        out = {"set": f"{folder.parent.name}/{folder.name}", "k": args.k,
+        out = {"set": name, "k": args.k,
                "accuracy_first_k": round(float(right[: args.k].mean()), 4),
                "ci95_first_k": [round(v, 4) for v in wilson(int(right[: args.k].sum()), args.k)],
                "n": len(y), "accuracy_all": round(float(right.mean()), 4)}

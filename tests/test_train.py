@@ -212,7 +212,7 @@ def test_spectral_norm_run_resumes_exactly_and_exports_a_plain_critic(tmp_path):
         assert torch.allclose(critic(x), r.model.D(x), atol=1e-5)
 
 
-def test_wgan_loss_with_spectral_norm_and_no_penalty(tmp_path):
+def test_wgan_loss_with_spectral_norm_and_no_penalty(tmp_path, monkeypatch):
     """--spectral-norm --gp-weight 0: the WGAN loss with the penalty's double backward skipped
     (the penalty term is 0, the critic loss can go negative) and a card that says so."""
     fake_dataset(tmp_path / "data")
@@ -227,16 +227,13 @@ def test_wgan_loss_with_spectral_norm_and_no_penalty(tmp_path):
     calls = []
     import purifier.training.gan as gan
     real_gp = gan.gradient_penalty
-    gan.gradient_penalty = lambda *a: calls.append(1) or real_gp(*a)
-    try:
-        m = WGANGP(cfg, torch.rand(8, 1, 28, 28), torch.device("cpu"))
-        m.step()
-        assert calls == []                              # no double backward paid for a zero weight
-        m.cfg.gp_weight = 10.0
-        m.step()
-        assert calls == [1]
-    finally:
-        gan.gradient_penalty = real_gp
+    monkeypatch.setattr(gan, "gradient_penalty", lambda *a: calls.append(1) or real_gp(*a))
+    m = WGANGP(cfg, torch.rand(8, 1, 28, 28), torch.device("cpu"))
+    m.step()
+    assert calls == []                              # no double backward paid for a zero weight
+    m.cfg.gp_weight = 10.0
+    m.step()
+    assert calls == [1]
 
 
 def test_resume_with_another_critic_parametrisation_is_a_clear_error(tmp_path):
