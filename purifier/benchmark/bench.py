@@ -262,6 +262,91 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
     return out
 
 
+# Cache-cell names of `purifier eval` (evaluation/evaluate.py, Evaluation._cell_name) for the
+# bench's conditions: the oblivious and transfer FGSM cells are single-step ("-s1").
+_EVAL_CELLS = {"clean": lambda eps: "clean", "fgsm": lambda eps: f"oblivious-fgsm-eps{eps:g}-s1",
+               "transfer": lambda eps: f"transfer-fgsm-eps{eps:g}-s1"}
+# Projection settings that do not change what a search returns (how it runs, and the seed,
+# which the evaluation derives per chunk): ignored when matching an evaluation's projection.
+_RUN_ONLY = ("seed", "compile", "cuda_graph", "channels_last")
+
+
+def reference_from_eval(eval_dir: str | os.PathLike, model_dir: Path, test_split, cond: str, eps: float,
+                        cfg: ProjectionConfig, x_in: torch.Tensor, seed: int) -> dict:
+    """The reference configuration's purified results for ``x_in`` (the bench's seeded test
+    images of condition ``cond``), read from a finished ``purifier eval`` run in ``eval_dir``
+    instead of computed: the paper configuration on 1,000 images costs the bench an hour on a
+    CPU, and an evaluation of the same models has usually computed it already.
+
+    Refused (ConfigError) unless the pairing is exact: the evaluation used the same generator,
+    classifier (and substitute for ``transfer``), data set and seed, the same projection
+    settings (all but how it runs), at least as many seeded test images (its images'
+    fingerprint recomputed here), and its adversarial images equal the bench's bit for bit.
+    Returns ``{"pred", "errors", "seconds", "cached": True, "source"}`` for the first
+    ``len(x_in)`` images; ``pred`` is the evaluation's prediction on its float purified images."""
+    from .. import data
+    from ..evaluation.evaluate import _proj_tag, _sha256
+
+    root = Path(eval_dir)
+    run_json, results_json = root / "cache" / "run.json", root / "results.json"
+    if not run_json.is_file() or not results_json.is_file():
+        raise ConfigError(f"--reference-eval {root}: no finished `purifier eval` run there "
+                          f"(it needs cache/run.json and results.json)")
+    fp = json.loads(run_json.read_text())
+    settings = json.loads(results_json.read_text()).get("settings", {})
+    problems = []
+    models = fp.get("models", {})
+    wanted = ["generator.safetensors", "classifier.safetensors"] + (["encoder.safetensors"] if cfg.encoder_starts else [])
+    for name in wanted:
+        if models.get(name) != (_sha256(model_dir / name) if (model_dir / name).is_file() else None):
+            problems.append(f"its {name} is not {model_dir / name}")
+    if cond == "transfer" and models.get("substitute") != (
+            _sha256(model_dir / "substitute.safetensors") if (model_dir / "substitute.safetensors").is_file() else None):
+        problems.append(f"its substitute is not {model_dir / 'substitute.safetensors'}")
+    if fp.get("seed") != seed:
+        problems.append(f"its seed is {fp.get('seed')}, this bench's --seed {seed}")
+    n_eval = int(fp.get("n", 0))
+    if n_eval < len(x_in):
+        problems.append(f"it has {n_eval} test images, this bench asks for {len(x_in)}")
+    ours = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+    theirs = {k: v for k, v in (settings.get("projection") or {}).items() if k not in _RUN_ONLY}
+    if ours != theirs:
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")
+    if not problems:
+        chosen = data.subset(test_split, n_eval, seed)
+        digest = hashlib.sha256(chosen.images.numpy().tobytes() + chosen.labels.numpy().tobytes()).hexdigest()
+        if digest != fp.get("test_images_sha256"):
+            problems.append("its test images are not this bench's (data set or data directory differ)")
+    if problems:
+        raise ConfigError(f"--reference-eval {root} cannot stand in for {cond}: " + "; ".join(problems))
+
+    def cell(kind: str) -> dict[str, torch.Tensor]:
+        folder = root / "cache" / kind
+        files = sorted(folder.glob("*.pt"))
+        if not files:
+            raise ConfigError(f"--reference-eval {root}: no {cond} results in {folder} "
+                              f"(run the evaluation with this attack and eps {eps:g})")
+        parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "seconds"}
+        out["seconds"] = float(sum(float(p["seconds"].sum()) for p in parts))
+        return out
+
+    name = _EVAL_CELLS[cond](eps)
+    k = len(x_in)
+    if cond != "clean":
+        adv = cell(f"adv/{name}")["x"][:k]
+        if adv.shape != x_in.shape or not torch.equal(adv, x_in.detach().cpu()):
+            raise ConfigError(f"--reference-eval {root}: its {name} images differ from this bench's "
+                              f"(another attack implementation or eps); compute the reference instead")
+    pur = cell(f"purified/{name}/{_proj_tag(cfg)}")
+    if len(pur["pred"]) < k:
+        raise ConfigError(f"--reference-eval {root}: {name} has {len(pur['pred'])} purified images, "
+                          f"this bench asks for {k}")
+    return dict(pred=pur["pred"][:k], errors=pur["error"][:k].float(), seconds=pur["seconds"] * k / len(pur["pred"]),
+                cached=True, source=str(root))
+
+
 def _substitute(model_dir: Path, device: torch.device) -> nn.Module:
     from ..checkpoint import load_module
 
@@ -299,6 +384,7 @@ class BenchSettings:
     # and the clean reconstruction error not higher
     max_accuracy_drop: float = 0.01
     reference_done_only: bool = False  # pair on the reference's finished cached batches only
+    reference_eval: str | None = None  # read the reference from this finished `purifier eval` run
 
 
 def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset: str = "?",
@@ -316,6 +402,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                                 quality_images=settings.quality_images, quality_batch=settings.quality_batch,
                                 eps=settings.eps, seed=settings.seed, reference=ref_name,
                                 rounds=settings.rounds, speed_seconds=settings.speed_seconds, threads=torch.get_num_threads(),
+                                reference_eval=settings.reference_eval,
                                 configs={n: asdict(c) for n, c in settings.configs}),
                   speed=[], quality={})
 
@@ -375,8 +462,12 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 raise ConfigError(f"unknown condition {cond!r}; use clean, fgsm and/or transfer")
             # With reference_done_only the reference is what its (slow) run has finished so far,
             # and every configuration is compared on those leading images only.
-            ref_out = purify_cached(G, E, xin, settings.configs[0][1], settings.quality_batch, ckey,
-                                    settings.cache_dir, settings.seed, done_only=settings.reference_done_only)
+            if settings.reference_eval:
+                ref_out = reference_from_eval(settings.reference_eval, bundle.path, test_split, cond,
+                                              settings.eps, settings.configs[0][1], xin, settings.seed)
+            else:
+                ref_out = purify_cached(G, E, xin, settings.configs[0][1], settings.quality_batch, ckey,
+                                        settings.cache_dir, settings.seed, done_only=settings.reference_done_only)
             k = len(ref_out["errors"])
             undefended = (_predict(clf, xin[:k]) == y[:k]).float()
             per_cfg, rows = {}, {}
@@ -384,13 +475,18 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 out = ref_out if name == ref_name else purify_cached(
                     G, E, xin, cfg, settings.quality_batch, ckey, settings.cache_dir, settings.seed)
                 ran = len(out["errors"])   # images this configuration's seconds are for
-                out = dict(out, images=out["images"][:k], errors=out["errors"][:k])
-                correct = (_predict(clf, out["images"]) == y[:k]).float()
+                if "pred" in out:    # the reference, read from an evaluation's predictions
+                    correct = (out["pred"][:k].to(y.device) == y[:k]).float()
+                else:
+                    out = dict(out, images=out["images"][:k])
+                    correct = (_predict(clf, out["images"]) == y[:k]).float()
+                out = dict(out, errors=out["errors"][:k].to(y.device))
                 per_cfg[name] = (correct, out["errors"].double())
                 errors_of.setdefault(cond, {})[name] = out["errors"].double().cpu()
                 rows[name] = dict(accuracy=float(correct.mean()), mean_error=float(out["errors"].mean()),
                                   n=k, seconds=round(out["seconds"], 1), cached=out["cached"],
-                                  images_per_s=round(ran / out["seconds"], 3))
+                                  images_per_s=round(ran / out["seconds"], 3),
+                                  **({"source": out["source"]} if "source" in out else {}))
                 log(f"quality {cond} {name}: accuracy {rows[name]['accuracy']:.4f}, "
                     f"mean error {rows[name]['mean_error']:.5f}, {rows[name]['seconds']} s"
                     + (" (cached)" if out["cached"] else ""))

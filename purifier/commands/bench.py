@@ -39,6 +39,10 @@ def add_arguments(p) -> None:
     p.add_argument("--reference-done-only", action="store_true",
                    help="compute nothing for the reference (first) configuration: pair every other one on "
                         "the reference's batches already in --cache (a long paper run still going or stopped)")
+    p.add_argument("--reference-eval", default=None, metavar="DIR",
+                   help="read the reference (first) configuration's purified results from a finished "
+                        "`purifier eval` run (its --out) of the same models, seed and projection instead of "
+                        "computing them; refused unless its test and adversarial images are this bench's")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its kernels per shape first (CUDA; the warm-up batches pay for it)")
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
@@ -59,7 +63,8 @@ def run(args) -> int:
         speed_images=args.speed_images, quality_images=args.quality_images,
         quality_batch=args.quality_batch, eps=args.eps,
         conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache,
-        rounds=args.rounds, speed_seconds=args.speed_seconds, reference_done_only=args.reference_done_only)
+        rounds=args.rounds, speed_seconds=args.speed_seconds, reference_done_only=args.reference_done_only,
+        reference_eval=args.reference_eval)
     bundle = checkpoint.load_bundle(args.model_dir or f"models/{args.dataset}", device,
                                     need_classifier=bool(args.quality_images))
     test = data.load(args.dataset, "test", args.data_dir)
