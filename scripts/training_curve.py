@@ -16,7 +16,7 @@ DIR:ITERATIONS`` adds one more shipped generator from a single paper-setting eva
 
     python scripts/training_curve.py docs/results/h100-28k:28000 docs/results/h100-56k:56000 \
         docs/results/h200-100k --shipped docs/results/mnist-paper-100k-cpu:100750 \
-        --out docs/figures/robustness-vs-iterations.png
+        --shipped docs/results/fashion-mnist-paper-93k-cpu:93000 --out docs/figures/robustness-vs-iterations.png
 
 Prints a markdown table; computes nothing that the evals did not measure.
 """

@@ -262,89 +262,94 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
     return out
 
 
-# Cache-cell names of `purifier eval` (evaluation/evaluate.py, Evaluation._cell_name) for the
-# bench's conditions: the oblivious and transfer FGSM cells are single-step ("-s1").
-_EVAL_CELLS = {"clean": lambda eps: "clean", "fgsm": lambda eps: f"oblivious-fgsm-eps{eps:g}-s1",
-               "transfer": lambda eps: f"transfer-fgsm-eps{eps:g}-s1"}
+# The bench's conditions as `purifier eval` names them (threat, attack); clean has no attack.
+_EVAL_THREATS = {"fgsm": ("oblivious", "fgsm"), "transfer": ("transfer", "fgsm")}
 # Projection settings that do not change what a search returns (how it runs, and the seed,
 # which the evaluation derives per chunk): ignored when matching an evaluation's projection.
 _RUN_ONLY = ("seed", "compile", "cuda_graph", "channels_last")
 
 
-def reference_from_eval(eval_dir: str | os.PathLike, model_dir: Path, test_split, cond: str, eps: float,
-                        cfg: ProjectionConfig, x_in: torch.Tensor, seed: int) -> dict:
-    """The reference configuration's purified results for ``x_in`` (the bench's seeded test
-    images of condition ``cond``), read from a finished ``purifier eval`` run in ``eval_dir``
-    instead of computed: the paper configuration on 1,000 images costs the bench an hour on a
-    CPU, and an evaluation of the same models has usually computed it already.
+class EvalReference:
+    """The reference configuration's purified results, read from a finished ``purifier eval``
+    run in ``eval_dir`` instead of computed: the paper configuration on 1,000 images costs the
+    bench an hour on a CPU, and an evaluation of the same models has usually computed it already.
 
     Refused (ConfigError) unless the pairing is exact: the evaluation used the same generator,
-    classifier (and substitute for ``transfer``), data set and seed, the same projection
-    settings (all but how it runs), at least as many seeded test images (its images'
-    fingerprint recomputed here), and its adversarial images equal the bench's bit for bit.
-    Returns ``{"pred", "errors", "seconds", "cached": True, "source"}`` for the first
-    ``len(x_in)`` images; ``pred`` is the evaluation's prediction on its float purified images."""
-    from .. import data
-    from ..evaluation.evaluate import _proj_tag, _sha256
+    classifier (and substitute when ``transfer`` is among the conditions), data set and seed,
+    the same projection settings (all but how it runs), at least ``n`` seeded test images (its
+    images' fingerprint recomputed here), and, checked per condition by :meth:`load`, its
+    adversarial images equal the bench's bit for bit."""
 
-    root = Path(eval_dir)
-    run_json, results_json = root / "cache" / "run.json", root / "results.json"
-    if not run_json.is_file() or not results_json.is_file():
-        raise ConfigError(f"--reference-eval {root}: no finished `purifier eval` run there "
-                          f"(it needs cache/run.json and results.json)")
-    fp = json.loads(run_json.read_text())
-    settings = json.loads(results_json.read_text()).get("settings", {})
-    problems = []
-    models = fp.get("models", {})
-    wanted = ["generator.safetensors", "classifier.safetensors"] + (["encoder.safetensors"] if cfg.encoder_starts else [])
-    for name in wanted:
-        if models.get(name) != (_sha256(model_dir / name) if (model_dir / name).is_file() else None):
-            problems.append(f"its {name} is not {model_dir / name}")
-    if cond == "transfer" and models.get("substitute") != (
-            _sha256(model_dir / "substitute.safetensors") if (model_dir / "substitute.safetensors").is_file() else None):
-        problems.append(f"its substitute is not {model_dir / 'substitute.safetensors'}")
-    if fp.get("seed") != seed:
-        problems.append(f"its seed is {fp.get('seed')}, this bench's --seed {seed}")
-    n_eval = int(fp.get("n", 0))
-    if n_eval < len(x_in):
-        problems.append(f"it has {n_eval} test images, this bench asks for {len(x_in)}")
-    ours = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-    theirs = {k: v for k, v in (settings.get("projection") or {}).items() if k not in _RUN_ONLY}
-    if ours != theirs:
-        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")
-    if not problems:
-        chosen = data.subset(test_split, n_eval, seed)
-        digest = hashlib.sha256(chosen.images.numpy().tobytes() + chosen.labels.numpy().tobytes()).hexdigest()
-        if digest != fp.get("test_images_sha256"):
-            problems.append("its test images are not this bench's (data set or data directory differ)")
-    if problems:
-        raise ConfigError(f"--reference-eval {root} cannot stand in for {cond}: " + "; ".join(problems))
+    def __init__(self, eval_dir: str | os.PathLike, model_dir: Path, test_split, cfg: ProjectionConfig,
+                 seed: int, n: int, conditions: tuple[str, ...]):
+        from .. import data
+        from ..evaluation.evaluate import _sha256, images_digest
 
-    def cell(kind: str) -> dict[str, torch.Tensor]:
-        folder = root / "cache" / kind
+        self.root, self.cfg = Path(eval_dir), cfg
+        run_json, results_json = self.root / "cache" / "run.json", self.root / "results.json"
+        if not run_json.is_file() or not results_json.is_file():
+            raise ConfigError(f"--reference-eval {self.root}: no finished `purifier eval` run there "
+                              f"(it needs cache/run.json and results.json)")
+        fp = json.loads(run_json.read_text())
+        settings = json.loads(results_json.read_text()).get("settings", {})
+        models = fp.get("models", {})
+        wanted = {"generator.safetensors": "generator.safetensors", "classifier.safetensors": "classifier.safetensors"}
+        if cfg.encoder_starts:
+            wanted["encoder.safetensors"] = "encoder.safetensors"
+        if "transfer" in conditions:
+            wanted["substitute"] = "substitute.safetensors"
+        problems = []
+        for key, file in wanted.items():
+            path = model_dir / file
+            if models.get(key) != (_sha256(path) if path.is_file() else None):
+                problems.append(f"its {key.removesuffix('.safetensors')} is not {path}")
+        if fp.get("seed") != seed:
+            problems.append(f"its seed is {fp.get('seed')}, this bench's --seed {seed}")
+        n_eval = int(fp.get("n", 0))
+        if n_eval < n:
+            problems.append(f"it has {n_eval} test images, this bench asks for {n}")
+        ours = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+        theirs = {k: v for k, v in (settings.get("projection") or {}).items() if k not in _RUN_ONLY}
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")
+        if not problems:
+            chosen = data.subset(test_split, n_eval, seed)
+            if images_digest(chosen.images, chosen.labels) != fp.get("test_images_sha256"):
+                problems.append("its test images are not this bench's (data set or data directory differ)")
+        if problems:
+            raise ConfigError(f"--reference-eval {self.root} cannot stand in for the reference: " + "; ".join(problems))
+
+    def _cell(self, kind: str, cond: str, eps: float) -> dict[str, torch.Tensor]:
+        folder = self.root / "cache" / kind
         files = sorted(folder.glob("*.pt"))
         if not files:
-            raise ConfigError(f"--reference-eval {root}: no {cond} results in {folder} "
+            raise ConfigError(f"--reference-eval {self.root}: no {cond} results in {folder} "
                               f"(run the evaluation with this attack and eps {eps:g})")
         parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
         out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "seconds"}
         out["seconds"] = float(sum(float(p["seconds"].sum()) for p in parts))
         return out
 
-    name = _EVAL_CELLS[cond](eps)
-    k = len(x_in)
-    if cond != "clean":
-        adv = cell(f"adv/{name}")["x"][:k]
-        if adv.shape != x_in.shape or not torch.equal(adv, x_in.detach().cpu()):
-            raise ConfigError(f"--reference-eval {root}: its {name} images differ from this bench's "
-                              f"(another attack implementation or eps); compute the reference instead")
-    pur = cell(f"purified/{name}/{_proj_tag(cfg)}")
-    if len(pur["pred"]) < k:
-        raise ConfigError(f"--reference-eval {root}: {name} has {len(pur['pred'])} purified images, "
-                          f"this bench asks for {k}")
-    return dict(pred=pur["pred"][:k], errors=pur["error"][:k].float(), seconds=pur["seconds"] * k / len(pur["pred"]),
-                cached=True, source=str(root))
+    def load(self, cond: str, eps: float, x_in: torch.Tensor) -> dict:
+        """``{"pred", "errors", "seconds", "cached": True, "source"}`` for ``x_in``, the bench's
+        first ``len(x_in)`` seeded test images under ``cond``; ``pred`` is the evaluation's
+        prediction on its float purified images."""
+        from ..evaluation.evaluate import _proj_tag, attack_cell_name
+
+        name = "clean" if cond == "clean" else attack_cell_name(*_EVAL_THREATS[cond], eps, pgd_steps=0)
+        k = len(x_in)
+        if cond != "clean":
+            adv = self._cell(f"adv/{name}", cond, eps)["x"][:k]
+            if adv.shape != x_in.shape or not torch.equal(adv, x_in.detach().cpu()):
+                raise ConfigError(f"--reference-eval {self.root}: its {name} images differ from this bench's "
+                                  f"(another attack implementation or eps); compute the reference instead")
+        pur = self._cell(f"purified/{name}/{_proj_tag(self.cfg)}", cond, eps)
+        if len(pur["pred"]) < k:
+            raise ConfigError(f"--reference-eval {self.root}: {name} has {len(pur['pred'])} purified images, "
+                              f"this bench asks for {k}")
+        return dict(pred=pur["pred"][:k], errors=pur["error"][:k].float(),
+                    seconds=pur["seconds"] * k / len(pur["pred"]), cached=True, source=str(self.root))
 
 
 def _substitute(model_dir: Path, device: torch.device) -> nn.Module:
@@ -444,6 +449,8 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                                  generator=torch.Generator().manual_seed(settings.seed))[: len(sub.labels)]
         x, y = sub.images.to(dev), sub.labels.to(dev)
         errors_of = {}  # condition -> config -> (n,) per-image errors, for the detection rows
+        reference = (EvalReference(settings.reference_eval, bundle.path, test_split, settings.configs[0][1],
+                                   settings.seed, len(y), settings.conditions) if settings.reference_eval else None)
         key = dict(dataset=dataset, n=len(y), subset_seed=settings.seed, indices=indices.tolist(),
                    generator=file_digest(bundle.path / "generator.safetensors"),
                    encoder=file_digest(bundle.path / "encoder.safetensors"))
@@ -462,9 +469,8 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
                 raise ConfigError(f"unknown condition {cond!r}; use clean, fgsm and/or transfer")
             # With reference_done_only the reference is what its (slow) run has finished so far,
             # and every configuration is compared on those leading images only.
-            if settings.reference_eval:
-                ref_out = reference_from_eval(settings.reference_eval, bundle.path, test_split, cond,
-                                              settings.eps, settings.configs[0][1], xin, settings.seed)
+            if reference is not None:
+                ref_out = reference.load(cond, settings.eps, xin)
             else:
                 ref_out = purify_cached(G, E, xin, settings.configs[0][1], settings.quality_batch, ckey,
                                         settings.cache_dir, settings.seed, done_only=settings.reference_done_only)

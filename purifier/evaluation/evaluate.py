@@ -256,6 +256,17 @@ def _proj_tag(cfg: ProjectionConfig) -> str:
     return tag
 
 
+def images_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """The fingerprint of an evaluation's test images (``run.json``'s ``test_images_sha256``)."""
+    return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+
+
+def attack_cell_name(threat: str, attack: str, eps: float, pgd_steps: int) -> str:
+    """The cache name of an oblivious or transfer cell (FGSM, PGD): its adversarial images are
+    under ``adv/<name>``, their purifications under ``purified/<name>/<projection tag>``."""
+    return f"{threat}-{attack}-eps{eps:g}-s{pgd_steps if attack == 'pgd' else 1}"
+
+
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -326,8 +337,7 @@ class Evaluation:
         c = self.cfg
         return {"models": files, "dataset": self.dataset, "n": self.n, "seed": c.seed,
                 "batch_size": c.batch_size, "adaptive_batch": c.adaptive_batch,
-                "test_images_sha256": hashlib.sha256(self.x.numpy().tobytes()
-                                                     + self.y.numpy().tobytes()).hexdigest()}
+                "test_images_sha256": images_digest(self.x, self.y)}
 
     def _check_cache(self, resume: bool) -> None:
         path = self.out / "cache" / "run.json"
@@ -410,7 +420,7 @@ class Evaluation:
                     f"{_proj_tag(self.pcfg)}")
         if threat == "blackbox":
             return f"blackbox-{attack}-eps{eps:g}-{self._blackbox_tag()}"
-        return f"{threat}-{attack}-eps{eps:g}-s{c.pgd_steps if attack == 'pgd' else 1}"
+        return attack_cell_name(threat, attack, eps, c.pgd_steps)
 
     def cells(self) -> list[Cell]:
         c = self.cfg
