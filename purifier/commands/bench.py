@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-sizes", default="1,8,16,32,64",
                    help="comma-separated batch sizes for the speed part: each configuration's best of them "
                         "is compared with the reference's best (best-vs-best), the same-batch ratios beside it")
+    p.add_argument("--batch-sizes-for", action="append", default=None, metavar="NAME=B1,B2,...",
+                   help="this configuration's own batch-size sweep instead of --batch-sizes (repeat the flag), "
+                        "e.g. paper=8,16,32 while fast sweeps up to 512")
     p.add_argument("--speed-seconds", type=float, default=None,
                    help="per configuration and batch size, start no new batch after this many seconds "
                         "(at least one batch is timed): the paper configuration needs minutes per 64 images")
@@ -57,9 +60,11 @@ def run(args) -> int:
         import torch
         torch.backends.cudnn.benchmark = True
     specs = args.config or ["paper", "fast"]
+    configs = [parse_config(s) for s in specs]
     settings = BenchSettings(
-        configs=[parse_config(s) for s in specs],
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b],
+        configs=configs,
+        batch_sizes=_batch_sizes(args.batch_sizes, "--batch-sizes"),
+        batch_sizes_for=_batch_sizes_for(args.batch_sizes_for or [], [n for n, _ in configs]),
         speed_images=args.speed_images, quality_images=args.quality_images,
         quality_batch=args.quality_batch, eps=args.eps,
         conditions=tuple(c for c in args.conditions.split(",") if c), seed=args.seed, cache_dir=args.cache,
@@ -79,3 +84,26 @@ def run(args) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+def _batch_sizes(text: str, flag: str) -> list[int]:
+    from ..errors import ConfigError
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: comma-separated whole numbers expected, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"{flag}: batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def _batch_sizes_for(specs: list[str], names: list[str]) -> dict[str, list[int]]:
+    """``--batch-sizes-for NAME=8,16`` flags -> {NAME: [8, 16]}; NAME must be a configuration."""
+    from ..errors import ConfigError
+    out = {}
+    for spec in specs:
+        name, sep, sizes = spec.partition("=")
+        if not sep or name not in names:
+            raise ConfigError(f"--batch-sizes-for {spec!r}: expected NAME=B1,B2,... with NAME one of {names}")
+        out[name] = _batch_sizes(sizes, f"--batch-sizes-for {name}")
+    return out

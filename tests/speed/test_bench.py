@@ -129,6 +129,62 @@ def test_speed_summary_headline_is_the_lowest_round():
     assert h["spread"] == pytest.approx(0.2) and h["speedup_same_batch"] == {"8": 50}
 
 
+def test_speed_summary_takes_each_search_at_its_fastest_run():
+    """paper compiled is the same search as paper, run faster: the best-run ratio compares fast's
+    fastest run (here channels-last) with the compiled paper, not with the eager one."""
+    from purifier.benchmark.bench import speed_summary
+
+    rows = [_row("paper", 8, 1.5), _row("pc", 8, 1.6), _row("pc", 16, 1.7),
+            _row("fast", 64, 74.0), _row("fcl", 64, 70.0), _row("fcl", 256, 85.0)]
+    searches = {"paper": "P", "pc": "P", "fast": "F", "fcl": "F"}
+    out = speed_summary(rows, "paper", searches=searches)
+    r0 = out["rounds"][0]
+    assert r0["reference_fastest_run"] == "pc"
+    assert r0["configs"]["fast"]["speedup_best_vs_best"] == pytest.approx(74 / 1.5, abs=0.01)
+    for name in ("fast", "fcl"):  # one search: one best-run figure, from fcl's batch 256
+        assert r0["configs"][name]["fastest_run_of_its_search"] == "fcl"
+        assert r0["configs"][name]["speedup_best_run_vs_best_run"] == pytest.approx(85 / 1.7, abs=0.01)
+    assert r0["configs"]["paper"]["speedup_best_run_vs_best_run"] == 1
+    assert r0["configs"]["fcl"]["speedup_same_batch"] == {}  # no batch in common with paper
+    assert out["headline"]["fcl"]["speedup_best_run_vs_best_run"] == pytest.approx(50, abs=0.01)
+    assert "speedup_best_run_vs_best_run" not in speed_summary(rows, "paper")["headline"]["fast"]
+
+
+def test_bench_sweeps_each_configuration_over_its_own_batch_sizes(tiny_model_dir):
+    bundle = checkpoint.load_bundle(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g), "fake")
+    settings = BenchSettings(
+        configs=[parse_config("ref=paper:steps=3,restarts=2"), parse_config("ref-cl=paper:steps=3,restarts=2,channels_last=true"),
+                 parse_config("quick=fast:steps=2,prune_after=1"),
+                 parse_config("quick-cl=fast:steps=2,prune_after=1,channels_last=true")],
+        batch_sizes=[2, 8], batch_sizes_for={"ref": [2], "ref-cl": [2]}, speed_images=8)
+    out = run_bench(bundle, split, settings, "cpu", "tiny", log=lambda m: None)
+    assert {(r["config"], r["batch_size"]) for r in out["speed"]} == {
+        ("ref", 2), ("ref-cl", 2), ("quick", 2), ("quick", 8), ("quick-cl", 2), ("quick-cl", 8)}
+    # the count does not depend on how a search runs (the second channels-last configuration used
+    # to count 0: the generator's cached channels-last copy kept the first one's hook)
+    assert {r["config"]: r["latent_steps_per_image"] for r in out["speed"]} == {
+        "ref": 6, "ref-cl": 6, "quick": 16 + 1, "quick-cl": 16 + 1}
+    assert "speedup_vs_reference" not in next(r for r in out["speed"] if r["batch_size"] == 8)
+    r0 = out["speed_summary"]["rounds"][0]
+    assert r0["configs"]["quick"]["fastest_run_of_its_search"] in ("quick", "quick-cl")
+    assert r0["configs"]["quick"]["fastest_run_of_its_search"] == r0["configs"]["quick-cl"]["fastest_run_of_its_search"]
+
+
+def test_bench_cli_refuses_batch_sizes_for_an_unknown_configuration():
+    from purifier.commands.bench import _batch_sizes, _batch_sizes_for
+    from purifier.errors import ConfigError
+
+    assert _batch_sizes_for(["paper=8,16"], ["paper", "fast"]) == {"paper": [8, 16]}
+    with pytest.raises(ConfigError, match="NAME one of"):
+        _batch_sizes_for(["slow=8"], ["paper", "fast"])
+    with pytest.raises(ConfigError, match="whole numbers"):
+        _batch_sizes("8,x", "--batch-sizes")
+    with pytest.raises(ConfigError, match=">= 1"):
+        _batch_sizes("0,8", "--batch-sizes")
+
+
 def test_detection_rows_score_attacked_against_the_same_images_clean():
     from purifier.benchmark.bench import detection_rows
 
