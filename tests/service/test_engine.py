@@ -35,3 +35,26 @@ def test_no_encoder_means_random_starts_and_unknown_presets_fail_first(tiny_mode
     assert Engine.load(tiny_model_dir, "cpu", "paper").default == PAPER
     with pytest.raises(ConfigError, match="unknown projection preset 'quick'"):
         Engine.load(tiny_model_dir / "missing", "cpu", "quick")
+
+
+def test_cpu_engine_runs_the_generator_channels_last_with_the_same_answer(tiny_model_dir):
+    """On the CPU the engine converts its generator to channels-last once (oneDNN's transposed
+    convolutions are faster that way, docs/speed.md); a seeded answer stays the NCHW one within
+    float rounding, and stays the same bytes from call to call."""
+    import torch
+
+    from purifier import checkpoint, projection
+
+    engine = Engine.load(tiny_model_dir, "cpu", "fast")
+    weights = [p for p in engine.bundle.generator.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)   # really converted, not 1x1 maps
+    nchw = checkpoint.load_bundle(tiny_model_dir)
+    x = torch.rand(3, *engine.image_shape, generator=torch.Generator().manual_seed(1))
+    cfg = engine.config(steps=6, seed=5)
+    images, errors = engine.project(x, cfg)
+    ref = projection.project(nchw.generator, x, cfg, nchw.encoder)
+    torch.testing.assert_close(torch.from_numpy(images), ref.images, atol=2e-3, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(errors), ref.errors, atol=1e-4, rtol=0.05)
+    again, _ = engine.project(x, cfg)
+    assert (again == images).all()
