@@ -69,7 +69,7 @@ import functools
 import math
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -123,6 +123,12 @@ class ProjectionConfig:
     latent_radius: float = 0.0  # > 0: keep every z on the sphere ||z|| = radius * sqrt(latent_dim)
     cuda_graph: bool = False  # CUDA: replay the whole search as one captured graph
     select: str = "best"      # "best": best-so-far over all steps; "last": the original's last step
+    # Per-image step size from the starts (0: off): an image whose best start already fits it
+    # with an error under ``precise_below`` (clean-looking) is searched with ``precise_lr``
+    # instead of ``lr``; the others (attacked-looking: the starts cannot draw their perturbation)
+    # keep ``lr``. Decided once, on the errors of the starts, before the first step.
+    precise_below: float = 0.0
+    precise_lr: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -148,6 +154,10 @@ class ProjectionConfig:
             problems.append("early_stop_tol must be >= 0 and check_every >= 1")
         if self.cuda_graph and (self.compile or self.early_stop_tol):
             problems.append("cuda_graph captures the eager loop: it excludes compile and early stopping")
+        if not (self.precise_below >= 0 and math.isfinite(self.precise_below)):
+            problems.append(f"precise_below must be a number >= 0, got {self.precise_below}")
+        if self.precise_below and not (self.precise_lr > 0 and math.isfinite(self.precise_lr)):
+            problems.append(f"precise_lr must be a positive number when precise_below is set, got {self.precise_lr}")
         if self.select not in SELECTS:
             problems.append(f"select must be one of {SELECTS}, got {self.select!r}")
         if self.precision not in PRECISIONS:
@@ -177,6 +187,18 @@ FAST = ProjectionConfig(steps=50, restarts=16, optimizer="adam", lr=0.1, prune_a
 ORIGINAL = PAPER.with_(select="last")
 PRESETS = {"paper": PAPER, "fast": FAST, "original": ORIGINAL}
 SETTINGS = tuple(f.name for f in fields(ProjectionConfig))
+
+
+# Settings added after bench caches and evaluation records were first written: a record leaves
+# them out while they are at their defaults, so the records of searches that never used them
+# (hours of paper-configuration projections) keep their keys.
+LATER_SETTINGS = {"precise_below": 0.0, "precise_lr": 0.0}
+
+
+def settings_record(cfg: "ProjectionConfig | dict") -> dict:
+    """``asdict(cfg)`` without the later settings that are at their defaults (see LATER_SETTINGS)."""
+    d = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
+    return {k: v for k, v in d.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def preset(base: "str | ProjectionConfig" = "paper", *, has_encoder: bool = True,
@@ -452,6 +474,7 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
     best_z = z.clone()                                               # (N, D)
     state1 = torch.zeros_like(z)   # momentum buffer / Adam first moment
     state2 = torch.zeros_like(z)   # Adam second moment
+    lr = cfg.lr                    # a number, or (N, 1) per row with precise_below
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     out_z = torch.zeros(B, D, device=device)                          # answers, filled as images retire
     last_check = None
@@ -463,6 +486,9 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
             raise Abandoned(f"projection stopped after {step} of {cfg.steps} steps: nobody waits for it")
         err, grad = step_fn(z, target)                               # (N,), (N, D)
         with torch.no_grad():
+            if cfg.precise_below and step == 0:   # each image's best start, before any step
+                start = err.view(B, R).amin(1).repeat_interleave(R).unsqueeze(1)   # (N, 1)
+                lr = torch.where(start < cfg.precise_below, cfg.precise_lr, cfg.lr).to(z.dtype)
             if cfg.select == "last":   # the original: only the last forward counts
                 best_err, best_z = err, z
             else:
@@ -471,13 +497,13 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                 best_z = torch.where(better.unsqueeze(1), z, best_z)
             if cfg.optimizer == "sgd":
                 state1.mul_(cfg.momentum).add_(grad)
-                z = z - cfg.lr * state1
+                z = z - lr * state1
             else:
                 t = step + 1
                 state1.mul_(beta1).add_(grad, alpha=1 - beta1)
                 state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state2 / (1 - beta2 ** t)).sqrt_().add_(eps)
-                z = z - cfg.lr * (state1 / (1 - beta1 ** t)) / denom
+                z = z - lr * (state1 / (1 - beta1 ** t)) / denom
             z = to_sphere(z, cfg.latent_radius)
         steps_run = step + 1
 
@@ -488,6 +514,8 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
             rows = (idx + torch.arange(b, device=device).unsqueeze(1) * R).reshape(-1)  # (b*k,)
             z, best_z, best_err, target = z[rows], best_z[rows], best_err[rows], target[rows]
             state1, state2 = state1[rows], state2[rows]
+            if torch.is_tensor(lr):
+                lr = lr[rows]
             R, pruning_pending, last_check = k, False, None
 
         if cfg.early_stop_tol and not pruning_pending and (step + 1) % cfg.check_every == 0:
@@ -505,6 +533,8 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                     keep_rows = ~rows
                     z, best_z, best_err = z[keep_rows], best_z[keep_rows], best_err[keep_rows]
                     target, state1, state2 = target[keep_rows], state1[keep_rows], state2[keep_rows]
+                    if torch.is_tensor(lr):
+                        lr = lr[keep_rows]
                     images_left = images_left[~done]
                     if images_left.numel() == 0:
                         break

@@ -247,3 +247,55 @@ def test_latent_steps_counts_the_passes_the_search_runs(sharp_gen, changes):
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert latent_steps(cfg) == latent_steps_per_image(sharp_gen, None, x, cfg)
     assert latent_steps(PAPER) == 2000 and latent_steps(FAST) == 16 + 49
+
+
+PRECISE_BASE = ProjectionConfig(steps=8, restarts=4, optimizer="adam", lr=0.1, prune_after=2, seed=0,
+                                latent_radius=1.0)
+
+
+def test_precise_step_size_goes_to_the_images_whose_starts_already_fit(sharp_gen):
+    """precise_below/precise_lr: an image whose best start has an error under the bar is searched
+    with precise_lr, the others with lr; each image's answer is the one the whole batch would get
+    at its step size (rows of different images never mix)."""
+    x = torch.cat([on_range(sharp_gen, n=3), torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))])
+    starts = project(sharp_gen, x, PRECISE_BASE.with_(steps=0)).errors          # best start per image
+    bar = float(starts.sort().values[2:4].mean())                              # three under, three over
+    under = starts < bar
+    assert 0 < int(under.sum()) < len(x)
+    mixed = project(sharp_gen, x, PRECISE_BASE.with_(precise_below=bar, precise_lr=0.02))
+    slow = project(sharp_gen, x, PRECISE_BASE.with_(lr=0.02))
+    base = project(sharp_gen, x, PRECISE_BASE)
+    expected = torch.where(under.view(-1, 1, 1, 1), slow.images, base.images)
+    torch.testing.assert_close(mixed.images, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(slow.images[under], base.images[under], atol=1e-4)  # the step size mattered
+    # every image under the bar: the search at precise_lr; none under it: the search at lr
+    torch.testing.assert_close(project(sharp_gen, x, PRECISE_BASE.with_(precise_below=1e9, precise_lr=0.02)).images,
+                               slow.images, atol=1e-6, rtol=0)
+    assert torch.equal(project(sharp_gen, x, PRECISE_BASE.with_(precise_below=1e-12, precise_lr=0.02)).images,
+                       base.images)
+
+
+def test_precise_step_size_with_momentum_sgd_and_early_stopping(sharp_gen):
+    x = on_range(sharp_gen, n=4)
+    cfg = PAPER.with_(steps=12, restarts=3, seed=1, early_stop_tol=1e-3, check_every=2)
+    p = project(sharp_gen, x, cfg.with_(precise_below=1e9, precise_lr=5.0))
+    torch.testing.assert_close(p.images, project(sharp_gen, x, cfg.with_(lr=5.0)).images, atol=1e-6, rtol=0)
+
+
+def test_precise_settings_are_checked_and_kept_out_of_old_records():
+    from dataclasses import asdict
+
+    from purifier.evaluation.evaluate import _proj_tag
+    from purifier.projection import settings_record
+
+    with pytest.raises(InvalidInputError, match="precise_lr must be a positive number"):
+        FAST.with_(precise_below=0.04)
+    with pytest.raises(InvalidInputError, match="precise_below must be a number >= 0"):
+        FAST.with_(precise_below=-1.0, precise_lr=0.03)
+    # at their defaults the new settings are not in a record: caches and evaluations keyed on
+    # the settings before they existed still match
+    assert settings_record(PAPER) == {k: v for k, v in asdict(PAPER).items() if not k.startswith("precise_")}
+    assert settings_record(asdict(PAPER)) == settings_record(PAPER)
+    on = FAST.with_(precise_below=0.04, precise_lr=0.03)
+    assert settings_record(on)["precise_below"] == 0.04
+    assert _proj_tag(FAST) != _proj_tag(on) and "precise" not in _proj_tag(FAST)

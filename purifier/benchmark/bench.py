@@ -30,7 +30,7 @@ from torch import nn
 from ..evaluation import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
 from ..errors import ConfigError
 from ..hardware import describe
-from ..projection import PAPER, ProjectionConfig, preset, project
+from ..projection import PAPER, ProjectionConfig, preset, project, settings_record
 from ..stats import paired
 
 
@@ -242,7 +242,8 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
     result from ``cache_dir`` when the same key was computed before. ``done_only``: compute
     nothing; return the leading batches already in the cache (a run still going, or stopped),
     so fewer images than ``x`` may come back."""
-    key = dict(key, projection=asdict(cfg.with_(compile=False, cuda_graph=False)), seed=seed, batch_size=batch_size)
+    key = dict(key, projection=settings_record(cfg.with_(compile=False, cuda_graph=False)), seed=seed,
+               batch_size=batch_size)
     if not cfg.encoder_starts:
         key.pop("encoder", None)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -339,8 +340,8 @@ class EvalReference:
         n_eval = int(fp.get("n", 0))
         if n_eval < n:
             problems.append(f"it has {n_eval} test images, this bench asks for {n}")
-        ours = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
-        theirs = {k: v for k, v in (settings.get("projection") or {}).items() if k not in _RUN_ONLY}
+        ours = {k: v for k, v in settings_record(cfg).items() if k not in _RUN_ONLY}
+        theirs = {k: v for k, v in settings_record(settings.get("projection") or {}).items() if k not in _RUN_ONLY}
         if ours != theirs:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")

@@ -253,6 +253,8 @@ def _proj_tag(cfg: ProjectionConfig) -> str:
         tag += f"-sphere{cfg.latent_radius:g}"
     if cfg.select != "best":
         tag += f"-select{cfg.select}"   # the original's answer at the last step
+    if cfg.precise_below:
+        tag += f"-precise{cfg.precise_below:g}lr{cfg.precise_lr:g}"
     return tag
 
 
