@@ -170,21 +170,19 @@ def speed_summary(rows: list[dict], reference: str, metric: str = "images_per_s"
                 speedup_best_vs_best=round(ips / ref_ips, 2),
                 speedup_same_batch={str(b): round(v / sweep[reference][b], 2)
                                     for b, v in sorted(sw.items()) if b in sweep[reference]})
+        entry = dict(round=rnd, reference_best_batch_size=ref_bs, configs=configs)
         if searches:
-            fastest = {}
+            fastest = {}   # search -> (its fastest config, images/s)
             for name, (bs, ips) in best.items():
                 k = searches.get(name, name)
                 if ips > fastest.get(k, (None, -1.0))[1]:
                     fastest[k] = (name, ips)
-            ref_name, ref_fast = fastest[searches.get(reference, reference)]
+            entry["reference_fastest_run"], ref_fast = fastest[searches.get(reference, reference)]
             for name in configs:
                 own_name, own = fastest[searches.get(name, name)]
                 configs[name]["fastest_run_of_its_search"] = own_name
                 configs[name]["speedup_best_run_vs_best_run"] = round(own / ref_fast, 2)
-            per_round.append(dict(round=rnd, reference_best_batch_size=ref_bs, reference_fastest_run=ref_name,
-                                  configs=configs))
-            continue
-        per_round.append(dict(round=rnd, reference_best_batch_size=ref_bs, configs=configs))
+        per_round.append(entry)
     headline = {}
     for name in per_round[0]["configs"]:
         vals = [pr["configs"][name]["speedup_best_vs_best"] for pr in per_round if name in pr["configs"]]
@@ -192,15 +190,14 @@ def speed_summary(rows: list[dict], reference: str, metric: str = "images_per_s"
         for pr in per_round:
             for b, v in pr["configs"][name]["speedup_same_batch"].items():
                 same.setdefault(b, []).append(v)
-        if searches:
-            runs = [pr["configs"][name]["speedup_best_run_vs_best_run"] for pr in per_round if name in pr["configs"]]
-            headline.setdefault(name, {}).update(speedup_best_run_vs_best_run=min(runs),
-                                                 speedup_best_run_vs_best_run_per_round=runs)
-        headline.setdefault(name, {}).update(speedup_best_vs_best=min(vals), speedup_best_vs_best_per_round=vals,
+        headline[name] = dict(speedup_best_vs_best=min(vals), speedup_best_vs_best_per_round=vals,
                               spread=round((max(vals) - min(vals)) / min(vals), 3) if min(vals) else None,
                               speedup_same_batch={b: min(v) for b, v in same.items()},
                               best_batch_size_per_round=[pr["configs"][name]["best_batch_size"]
                                                          for pr in per_round if name in pr["configs"]])
+        if searches:
+            runs = [pr["configs"][name]["speedup_best_run_vs_best_run"] for pr in per_round if name in pr["configs"]]
+            headline[name].update(speedup_best_run_vs_best_run=min(runs), speedup_best_run_vs_best_run_per_round=runs)
     rule = ("best-vs-best: each configuration at its own fastest batch size, same process and threads; "
             "headline = the lowest over rounds")
     if searches:
@@ -301,6 +298,12 @@ _EVAL_THREATS = {"fgsm": ("oblivious", "fgsm"), "transfer": ("transfer", "fgsm")
 _RUN_ONLY = ("seed", "compile", "cuda_graph", "channels_last")
 
 
+def search_settings(cfg: "ProjectionConfig | dict") -> dict:
+    """What a search computes: its settings record without those of how it runs (_RUN_ONLY).
+    Two configurations with equal search settings are one search run two ways."""
+    return {k: v for k, v in settings_record(cfg).items() if k not in _RUN_ONLY}
+
+
 class EvalReference:
     """The reference configuration's purified results, read from a finished ``purifier eval``
     run in ``eval_dir`` instead of computed: the paper configuration on 1,000 images costs the
@@ -340,8 +343,7 @@ class EvalReference:
         n_eval = int(fp.get("n", 0))
         if n_eval < n:
             problems.append(f"it has {n_eval} test images, this bench asks for {n}")
-        ours = {k: v for k, v in settings_record(cfg).items() if k not in _RUN_ONLY}
-        theirs = {k: v for k, v in settings_record(settings.get("projection") or {}).items() if k not in _RUN_ONLY}
+        ours, theirs = search_settings(cfg), search_settings(settings.get("projection") or {})
         if ours != theirs:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")
@@ -472,8 +474,7 @@ def run_bench(bundle, test_split, settings: BenchSettings, device: str, dataset:
         for r in result["speed"]:
             if (r["round"], r["batch_size"]) in ref:
                 r["speedup_vs_reference"] = round(r["images_per_s"] / ref[r["round"], r["batch_size"]], 2)
-        searches = {name: json.dumps(asdict(cfg.with_(**{k: getattr(PAPER, k) for k in _RUN_ONLY})), sort_keys=True)
-                    for name, cfg in settings.configs}
+        searches = {name: json.dumps(search_settings(cfg), sort_keys=True) for name, cfg in settings.configs}
         result["speed_summary"] = speed_summary(result["speed"], ref_name, searches=searches)
         log(format_speed_summary(result["speed_summary"]))
         if all(r.get("images_per_cpu_s") for r in result["speed"]):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import ConfigError
 from .common import add_data, add_device, resolve_device
 
 HELP = ("benchmark the projection: images/s and latency per configuration, and clean/FGSM accuracy "
@@ -87,7 +88,6 @@ def run(args) -> int:
 
 
 def _batch_sizes(text: str, flag: str) -> list[int]:
-    from ..errors import ConfigError
     try:
         sizes = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
@@ -99,7 +99,6 @@ def _batch_sizes(text: str, flag: str) -> list[int]:
 
 def _batch_sizes_for(specs: list[str], names: list[str]) -> dict[str, list[int]]:
     """``--batch-sizes-for NAME=8,16`` flags -> {NAME: [8, 16]}; NAME must be a configuration."""
-    from ..errors import ConfigError
     out = {}
     for spec in specs:
         name, sep, sizes = spec.partition("=")
