@@ -125,7 +125,27 @@ def calibrate(generator, images, cfg, target_fpr: float, encoder=None, batch_siz
     if heldout is not None and len(heldout):
         held_errors = reconstruction_errors(generator, heldout, cfg, encoder, batch_size, progress, "held-out")
         section["heldout"] = flag_rate(threshold, held_errors)
+    if cfg.precise_below:
+        section["precise_step"] = precise_share(generator, images, cfg, encoder, batch_size)
     return section
+
+
+def precise_share(generator, images, cfg, encoder=None, batch_size: int = 250) -> dict:
+    """How many clean ``images`` take the projection's precise step (best start error under
+    ``cfg.precise_below``), with its 95% Wilson interval. The bar is absolute: on data it does
+    not suit, clean images miss it (and get the coarse step's looser fit) or attacked ones pass."""
+    import torch
+
+    from .projection import start_errors
+    from .stats import wilson_interval
+
+    starts = torch.cat([start_errors(generator, images[i: i + batch_size],
+                                     cfg.with_(seed=None if cfg.seed is None else cfg.seed + i), encoder).cpu()
+                        for i in range(0, len(images), batch_size)]).numpy()
+    k, n = int((starts < cfg.precise_below).sum()), int(starts.size)
+    return {"below": cfg.precise_below, "clean_share_under": k / n, "ci95": list(wilson_interval(k, n)),
+            "under": k, "n": n, "start_error": {"median": float(np.median(starts)),
+                                                "q99": float(np.quantile(starts, 0.99))}}
 
 
 def abstention(correct, scores, threshold: float, attacked: bool) -> dict:

@@ -299,3 +299,30 @@ def test_precise_settings_are_checked_and_kept_out_of_old_records():
     on = FAST.with_(precise_below=0.04, precise_lr=0.03)
     assert settings_record(on)["precise_below"] == 0.04
     assert _proj_tag(FAST) != _proj_tag(on) and "precise" not in _proj_tag(FAST)
+
+
+def test_fast_precise_is_fast_with_eight_starts_and_a_step_per_image():
+    from purifier.projection import FAST_PRECISE, latent_steps
+
+    assert preset("fast-precise") == FAST_PRECISE
+    assert FAST_PRECISE == FAST.with_(restarts=8, lr=0.15, precise_below=0.045, precise_lr=0.025)
+    assert (FAST_PRECISE.keep, FAST_PRECISE.encoder_starts) == (1, 1)
+    assert latent_steps(FAST_PRECISE) == 57 < latent_steps(FAST) == 65
+    assert preset("fast-precise", has_encoder=False).encoder_starts == 0
+
+
+def test_start_errors_are_each_images_best_start_before_any_step(sharp_gen):
+    """What precise_below is compared with (test above: the search's own decision): the lowest
+    error among an image's starts, on the sphere where the settings put z, computed here by hand
+    from the same seeded starts."""
+    from purifier.projection import _initial_latents, _rng, start_errors, to_sphere
+
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg = preset("fast", has_encoder=False, restarts=4, seed=11)
+    got = start_errors(sharp_gen, x, cfg)
+    z0 = _initial_latents(sharp_gen, None, x, cfg, _rng(cfg, x.device))           # (5, 4, D)
+    z = to_sphere(z0.reshape(20, -1), cfg.latent_radius)
+    with torch.no_grad():
+        per_start = (sharp_gen(z) - x.repeat_interleave(4, 0)).pow(2).flatten(1).mean(1).view(5, 4)
+    torch.testing.assert_close(got, per_start.amin(1), atol=1e-6, rtol=0)
+    assert not torch.equal(per_start.amin(1), per_start[:, 0])   # not simply the first start

@@ -30,7 +30,7 @@ from torch import nn
 from ..evaluation import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
 from ..errors import ConfigError
 from ..hardware import describe
-from ..projection import PAPER, ProjectionConfig, preset, project, settings_record
+from ..projection import PAPER, ProjectionConfig, preset, project, search_settings, settings_record
 from ..stats import paired
 
 
@@ -295,14 +295,6 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
 _EVAL_THREATS = {"fgsm": ("oblivious", "fgsm"), "transfer": ("transfer", "fgsm")}
 # Projection settings that do not change what a search returns (how it runs, and the seed,
 # which the evaluation derives per chunk): ignored when matching an evaluation's projection.
-_RUN_ONLY = ("seed", "compile", "cuda_graph", "channels_last")
-
-
-def search_settings(cfg: "ProjectionConfig | dict") -> dict:
-    """What a search computes: its settings record without those of how it runs (_RUN_ONLY).
-    Two configurations with equal search settings are one search run two ways."""
-    return {k: v for k, v in settings_record(cfg).items() if k not in _RUN_ONLY}
-
 
 class EvalReference:
     """The reference configuration's purified results, read from a finished ``purifier eval``

@@ -39,11 +39,20 @@ def operating_point(section: dict) -> str:
             f"flags {section['fpr']:.1%} of the {section['n']} clean images that chose it")
     h = section.get("heldout")
     if h is None:
-        return line + "; no held-out images left to measure it on (raise --holdout or lower --n)"
-    lo, hi = h["ci95"]
-    return line + (f" and {h['rate']:.1%} [95% {lo:.1%}, {hi:.1%}] ({h['flagged']}/{h['n']}) of held-out clean "
-                   "images: the rate a server with this threshold flags (and, with --on-flagged reject, "
-                   "refuses) clean inputs")
+        line += "; no held-out images left to measure it on (raise --holdout or lower --n)"
+    else:
+        lo, hi = h["ci95"]
+        line += (f" and {h['rate']:.1%} [95% {lo:.1%}, {hi:.1%}] ({h['flagged']}/{h['n']}) of held-out clean "
+                 "images: the rate a server with this threshold flags (and, with --on-flagged reject, "
+                 "refuses) clean inputs")
+    p = section.get("precise_step")
+    if p is not None:
+        line += (f"\nprecise step: {p['clean_share_under']:.1%} ({p['under']}/{p['n']}) of the clean images start "
+                 f"under the bar {p['below']:g} (median start error {p['start_error']['median']:.4g})")
+        if p["clean_share_under"] < 0.95:
+            line += ("; under 95%: this bar does not suit this data (clean images get the coarse step's looser "
+                     "fit), see docs/speed.md")
+    return line
 
 
 def run(args) -> int:

@@ -121,6 +121,18 @@ class Engine:
         t = self.bundle.threshold
         return None if t is None else float(t)
 
+    @property
+    def threshold_settings_differ(self) -> list[str]:
+        """The search settings in which this server's default projection differs from the one
+        the card's threshold was calibrated with (``purifier calibrate --projection``); [] when
+        they agree or the card has no threshold. A threshold measured under another search flags
+        clean traffic at another rate (e.g. fewer steps leave larger errors)."""
+        det = self.bundle.card.get("detection") or {}
+        if det.get("threshold") is None or not det.get("projection"):
+            return []
+        card, ours = projection.search_settings(det["projection"]), projection.search_settings(self.default)
+        return sorted(k for k in set(card) | set(ours) if card.get(k) != ours.get(k))
+
     def config(self, steps: int | None = None, restarts: int | None = None,
                seed: int | None = None) -> projection.ProjectionConfig:
         """The server default with a request's overrides, within the server's caps."""

@@ -118,3 +118,21 @@ def test_calibrate_prints_and_records_the_held_out_rate(tiny_model_dir, tiny_dat
               "--n", "90", "--holdout", "100", "--steps", "3", "--restarts", "2", "--device", "cpu",
               "--no-progress", "--dry-run"])
     assert '"n": 10' in capsys.readouterr().out
+
+
+def test_calibrate_reports_the_share_of_clean_images_under_the_precise_bar(tiny_gen):
+    import torch
+
+    from purifier.projection import preset, start_errors
+
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    base = preset("fast", has_encoder=False, steps=2, restarts=2, seed=0)
+    assert "precise_step" not in detection.calibrate(tiny_gen, x, base, 0.25, batch_size=4, progress=False)
+    starts = torch.cat([start_errors(tiny_gen, x[i:i + 4], base.with_(seed=i)) for i in range(0, 12, 4)])
+    bar = float(starts.sort().values[8])                      # 8 of the 12 start under it
+    cfg = base.with_(precise_below=bar, precise_lr=0.01)
+    p = detection.calibrate(tiny_gen, x, cfg, 0.25, batch_size=4, progress=False)["precise_step"]
+    assert (p["under"], p["n"], p["below"]) == (8, 12, bar) and p["clean_share_under"] == 8 / 12
+    assert p["ci95"][0] < 8 / 12 < p["ci95"][1]
+    everything = detection.calibrate(tiny_gen, x, cfg.with_(precise_below=1.0), 0.25, batch_size=4, progress=False)
+    assert everything["precise_step"]["clean_share_under"] == 1.0

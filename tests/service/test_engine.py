@@ -58,3 +58,19 @@ def test_cpu_engine_runs_the_generator_channels_last_with_the_same_answer(tiny_m
     torch.testing.assert_close(torch.from_numpy(errors), ref.errors, atol=1e-4, rtol=0.05)
     again, _ = engine.project(x, cfg)
     assert (again == images).all()
+
+
+def test_engine_names_the_settings_its_projection_and_the_cards_threshold_differ_in(tiny_model_dir):
+    """A threshold calibrated for one search flags clean traffic at another rate under another
+    (the server logs a warning at start-up): the engine says which settings differ."""
+    from dataclasses import asdict
+
+    from purifier import checkpoint
+
+    assert Engine.load(tiny_model_dir, "cpu", "fast").threshold_settings_differ == []   # no threshold yet
+    fast = Engine.load(tiny_model_dir, "cpu", "fast").default
+    checkpoint.update_card(tiny_model_dir, detection={"threshold": 0.01, "projection": asdict(fast.with_(seed=0))})
+    assert Engine.load(tiny_model_dir, "cpu", "fast").threshold_settings_differ == []   # seed: how it runs
+    assert Engine.load(tiny_model_dir, "cpu", "fast-precise").threshold_settings_differ == \
+        ["lr", "precise_below", "precise_lr", "restarts"]
+    assert {"steps", "restarts", "optimizer"} <= set(Engine.load(tiny_model_dir, "cpu", "paper").threshold_settings_differ)
