@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .policy import POLICIES
 
-PROJECTIONS = ("paper", "fast")
+PROJECTIONS = ("paper", "fast", "fast-precise")   # projection.PRESETS a server takes (settings stay torch-free)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MODEL = Path("models") / "fashion-mnist"
 

@@ -74,3 +74,26 @@ def test_engine_names_the_settings_its_projection_and_the_cards_threshold_differ
     assert Engine.load(tiny_model_dir, "cpu", "fast-precise").threshold_settings_differ == \
         ["lr", "precise_below", "precise_lr", "restarts"]
     assert {"steps", "restarts", "optimizer"} <= set(Engine.load(tiny_model_dir, "cpu", "paper").threshold_settings_differ)
+
+
+def test_server_warns_at_start_when_the_cards_threshold_was_calibrated_for_another_search(aloop, tiny_model_dir,
+                                                                                          caplog):
+    from dataclasses import asdict
+
+    from purifier import checkpoint
+    from tests.service.conftest import running, settings_for
+
+    fast = Engine.load(tiny_model_dir, "cpu", "fast").default
+    checkpoint.update_card(tiny_model_dir, detection={"threshold": 0.01, "projection": asdict(fast.with_(seed=0))})
+
+    def warnings(projection, **kw):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="purifier.server"):
+            with running(aloop, settings_for(tiny_model_dir, projection=projection, **kw)):
+                pass
+        return [getattr(r, "fields", {}) for r in caplog.records if "calibrated for another projection" in r.getMessage()]
+
+    assert warnings("fast") == []
+    (w,) = warnings("fast-precise")
+    assert w["differ"] == ["lr", "precise_below", "precise_lr", "restarts"] and w["projection"] == "fast-precise"
+    assert warnings("fast-precise", threshold=0.02) == []    # the operator's own threshold: not the card's

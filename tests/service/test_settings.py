@@ -53,7 +53,7 @@ def test_every_flag_has_an_environment_variable():
 @pytest.mark.parametrize("changes, words", [
     (dict(grpc_port=70000), "--grpc-port 70000"),
     (dict(max_batch_size=0), "--max-batch-size 0: must be at least 1"),
-    (dict(projection="slow"), "choose one of paper, fast"),
+    (dict(projection="slow"), "choose one of paper, fast, fast-precise"),
     (dict(downstream="localhost:http"), "give host:port"),
     (dict(tls_cert="/nonexistent.pem"), "needs both --tls-cert and --tls-key"),
     (dict(tls_client_ca="ca.pem"), "needs --tls-cert"),
@@ -80,3 +80,10 @@ def test_kserve_predictor_host_without_port_means_port_80():
     # KServe passes '<isvc>-predictor.<namespace>' with no port.
     assert ServeSettings(downstream="flowers-predictor.default").downstream == "flowers-predictor.default:80"
     assert ServeSettings(downstream="localhost:8001").downstream == "localhost:8001"
+
+
+def test_every_projection_a_server_takes_is_a_preset():
+    from purifier.projection import PRESETS
+    from purifier.settings import PROJECTIONS
+
+    assert set(PROJECTIONS) <= set(PRESETS) and "fast-precise" in PROJECTIONS
