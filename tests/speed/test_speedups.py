@@ -227,6 +227,25 @@ def test_whole_search_cuda_graph_matches_eager_on_gpu(sharp_gen, mixed_batch, pr
     assert (replay.errors <= eager2.errors * 1.05 + 1e-6).all()
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_whole_search_cuda_graph_keeps_the_step_size_per_image_on_gpu(sharp_gen, mixed_batch):
+    """fast-precise's per-image step (a torch.where on the starts' errors, no host sync) inside
+    the captured search: the graph answers as the eager search, image by image."""
+    from purifier.projection import start_errors
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    g, x = sharp_gen.cuda(), mixed_batch.cuda()
+    base = ADAM.with_(steps=20, prune_after=5, keep=1, seed=3)
+    bar = float(start_errors(g, x, base).median())              # about half the images under it
+    cfg = base.with_(precise_below=bar, precise_lr=0.01)
+    eager = project(g, x, cfg)
+    graphed = project(g, x, cfg.with_(cuda_graph=True))
+    torch.testing.assert_close(graphed.latents, eager.latents, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(eager.latents, project(g, x, base).latents, atol=1e-3)   # the bar mattered
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_latent_radius_keeps_every_answer_on_the_sphere(sharp_gen, mixed_batch, optimizer):
     cfg = ADAM.with_(steps=15, optimizer=optimizer, lr=0.05 if optimizer == "adam" else 1.0,
