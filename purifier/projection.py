@@ -212,6 +212,9 @@ def settings_record(cfg: "ProjectionConfig | dict") -> dict:
     return {k: v for k, v in d.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
+# Projection settings that do not change what a search returns (how it runs, and the seed,
+# which an evaluation derives per chunk): ignored when matching an evaluation's projection, when
+# grouping a bench's configurations into searches, and when checking a card's threshold.
 _RUN_ONLY = ("seed", "compile", "cuda_graph", "channels_last")
 
 

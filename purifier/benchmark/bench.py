@@ -293,8 +293,7 @@ def purify_cached(generator, encoder, x: torch.Tensor, cfg: ProjectionConfig, ba
 
 # The bench's conditions as `purifier eval` names them (threat, attack); clean has no attack.
 _EVAL_THREATS = {"fgsm": ("oblivious", "fgsm"), "transfer": ("transfer", "fgsm")}
-# Projection settings that do not change what a search returns (how it runs, and the seed,
-# which the evaluation derives per chunk): ignored when matching an evaluation's projection.
+
 
 class EvalReference:
     """The reference configuration's purified results, read from a finished ``purifier eval``
