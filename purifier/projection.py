@@ -191,10 +191,11 @@ ORIGINAL = PAPER.with_(select="last")
 # `purifier calibrate --projection fast-precise`) takes Adam steps of 0.025, close to the paper
 # configuration's fit; the others (FGSM eps=0.3 lifts the starts' error above it) take steps of
 # 0.15, which fit the perturbation less. Paired on 1,000 test images against the paper
-# configuration, 54.5x its speed on a 2-core CPU (each at its fastest run): matched (clean, FGSM,
-# transfer within a point or better, clean error not higher) on MNIST's three seeded image sets
-# and Fashion-MNIST's two. The bar is absolute (mean squared error of images in [0, 1]): for
-# other data, check the share of clean images under it first (`purifier calibrate` reports it).
+# configuration, 54.5x / 56.1x its speed on a 2-core CPU (each at its fastest run, two runs):
+# matched (clean, FGSM, transfer within a point or better, clean error not higher) on MNIST's
+# three seeded image sets and Fashion-MNIST's two. The bar is absolute (mean squared error of
+# images in [0, 1]): for other data, check the share of clean images under it first
+# (`purifier calibrate` reports it).
 FAST_PRECISE = FAST.with_(restarts=8, lr=0.15, precise_below=0.045, precise_lr=0.025)
 PRESETS = {"paper": PAPER, "fast": FAST, "fast-precise": FAST_PRECISE, "original": ORIGINAL}
 SETTINGS = tuple(f.name for f in fields(ProjectionConfig))
