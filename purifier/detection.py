@@ -134,14 +134,11 @@ def precise_share(generator, images, cfg, encoder=None, batch_size: int = 250) -
     """How many clean ``images`` take the projection's precise step (best start error under
     ``cfg.precise_below``), with its 95% Wilson interval. The bar is absolute: on data it does
     not suit, clean images miss it (and get the coarse step's looser fit) or attacked ones pass."""
-    import torch
-
-    from .projection import start_errors
+    from .projection import start_settings
     from .stats import wilson_interval
 
-    starts = torch.cat([start_errors(generator, images[i: i + batch_size],
-                                     cfg.with_(seed=None if cfg.seed is None else cfg.seed + i), encoder).cpu()
-                        for i in range(0, len(images), batch_size)]).numpy()
+    # the starts the calibration's own projections began from (same per-batch seeds)
+    starts = reconstruction_errors(generator, images, start_settings(cfg), encoder, batch_size, progress=False)
     k, n = int((starts < cfg.precise_below).sum()), int(starts.size)
     return {"below": cfg.precise_below, "clean_share_under": k / n, "ci95": list(wilson_interval(k, n)),
             "under": k, "n": n, "start_error": {"median": float(np.median(starts)),

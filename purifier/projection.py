@@ -226,6 +226,12 @@ def search_settings(cfg: "ProjectionConfig | dict") -> dict:
     return {k: v for k, v in settings_record(cfg).items() if k not in _RUN_ONLY}
 
 
+def settings_differ(a: "ProjectionConfig | dict", b: "ProjectionConfig | dict") -> list[str]:
+    """The search settings (:func:`search_settings`) in which two configurations differ, sorted."""
+    a, b = search_settings(a), search_settings(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def preset(base: "str | ProjectionConfig" = "paper", *, has_encoder: bool = True,
            **overrides) -> ProjectionConfig:
     """Settings from a preset name (``PRESETS``) or a config, with ``overrides`` (a value of
@@ -270,7 +276,12 @@ def start_errors(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig,
     """(B,) each image's best start error under ``cfg`` (fp32, before any step): what
     ``precise_below`` is compared with. The share of clean images under the bar tells whether
     an absolute bar suits a data set (``purifier calibrate`` reports it)."""
-    return project(generator, x, cfg.with_(steps=0, cuda_graph=False, compile=False), encoder).errors
+    return project(generator, x, start_settings(cfg), encoder).errors
+
+
+def start_settings(cfg: ProjectionConfig) -> ProjectionConfig:
+    """``cfg`` with no step taken: a projection under it answers each image's best start."""
+    return cfg.with_(steps=0, cuda_graph=False, compile=False)
 
 
 def describe_cost(cfg: ProjectionConfig) -> str:

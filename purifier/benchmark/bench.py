@@ -30,7 +30,7 @@ from torch import nn
 from ..evaluation import attacks  # the ART-tested FGSM: bench and `purifier eval` attack alike
 from ..errors import ConfigError
 from ..hardware import describe
-from ..projection import PAPER, ProjectionConfig, preset, project, search_settings, settings_record
+from ..projection import PAPER, ProjectionConfig, preset, project, search_settings, settings_differ, settings_record
 from ..stats import paired
 
 
@@ -334,9 +334,8 @@ class EvalReference:
         n_eval = int(fp.get("n", 0))
         if n_eval < n:
             problems.append(f"it has {n_eval} test images, this bench asks for {n}")
-        ours, theirs = search_settings(cfg), search_settings(settings.get("projection") or {})
-        if ours != theirs:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        diff = settings_differ(cfg, settings.get("projection") or {})
+        if diff:
             problems.append(f"its projection differs from the reference configuration in {', '.join(diff)}")
         if not problems:
             chosen = data.subset(test_split, n_eval, seed)

@@ -130,8 +130,7 @@ class Engine:
         det = self.bundle.card.get("detection") or {}
         if det.get("threshold") is None or not det.get("projection"):
             return []
-        card, ours = projection.search_settings(det["projection"]), projection.search_settings(self.default)
-        return sorted(k for k in set(card) | set(ours) if card.get(k) != ours.get(k))
+        return projection.settings_differ(det["projection"], self.default)
 
     def config(self, steps: int | None = None, restarts: int | None = None,
                seed: int | None = None) -> projection.ProjectionConfig:

@@ -182,11 +182,12 @@ class Server:
                 limits, s.cuda_graphs, spec.on_flagged or s.on_flagged, spec.threshold, spec.downstream_name)
             served.metrics = self.metrics.for_model(spec.name)
             served.metrics.ready.set(0)
-            if served.loaded and spec.threshold is None and served.engine.threshold_settings_differ:
+            differ = served.engine.threshold_settings_differ if served.loaded and spec.threshold is None else []
+            if differ:
                 logs.log(log, logging.WARNING, "the card's detection threshold was calibrated for another projection: "
                          "clean inputs will be flagged at another rate than the card says; run `purifier calibrate "
                          "--projection` with this server's projection", model=spec.name,
-                         projection=spec.projection or s.projection, differ=served.engine.threshold_settings_differ)
+                         projection=spec.projection or s.projection, differ=differ)
             if served.loaded:
                 served.batcher = Batcher(served.engine.project, self._executor, max_batch_size=s.max_batch_size,
                                          max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
