@@ -129,6 +129,11 @@ class ProjectionConfig:
     # keep ``lr``. Decided once, on the errors of the starts, before the first step.
     precise_below: float = 0.0
     precise_lr: float = 0.0
+    # Step-size schedule, the same for every image (1.0: constant): from step
+    # ``decay_from * steps`` on, each row's step size falls along a half cosine to
+    # ``decay_to`` times its own by the last step (see :func:`lr_factor`).
+    decay_to: float = 1.0
+    decay_from: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -158,6 +163,10 @@ class ProjectionConfig:
             problems.append(f"precise_below must be a number >= 0, got {self.precise_below}")
         if self.precise_below and not (self.precise_lr > 0 and math.isfinite(self.precise_lr)):
             problems.append(f"precise_lr must be a positive number when precise_below is set, got {self.precise_lr}")
+        if not (0 < self.decay_to <= 1):
+            problems.append(f"decay_to must be in (0, 1], got {self.decay_to}")
+        if not (0 <= self.decay_from < 1):
+            problems.append(f"decay_from must be in [0, 1), got {self.decay_from}")
         if self.select not in SELECTS:
             problems.append(f"select must be one of {SELECTS}, got {self.select!r}")
         if self.precision not in PRECISIONS:
@@ -205,7 +214,7 @@ SETTINGS = tuple(f.name for f in fields(ProjectionConfig))
 # Settings added after bench caches and evaluation records were first written: a record leaves
 # them out while they are at their defaults, so the records of searches that never used them
 # (hours of paper-configuration projections) keep their keys.
-LATER_SETTINGS = {"precise_below": 0.0, "precise_lr": 0.0}
+LATER_SETTINGS = {"precise_below": 0.0, "precise_lr": 0.0, "decay_to": 1.0, "decay_from": 0.0}
 
 
 def settings_record(cfg: "ProjectionConfig | dict") -> dict:
@@ -269,6 +278,21 @@ def latent_steps(cfg: ProjectionConfig) -> int:
     if cfg.prune_after and cfg.prune_after <= L and R > cfg.keep:  # as _search prunes
         return R * cfg.prune_after + cfg.keep * (L - cfg.prune_after)
     return R * L
+
+
+def lr_factor(cfg: ProjectionConfig, step: int) -> float:
+    """The schedule's multiplier of the step size at ``step`` (0-based): 1 before step
+    ``floor(decay_from * steps)``, then a half cosine down to ``decay_to`` at the last step."""
+    if cfg.decay_to == 1.0:
+        return 1.0
+    start = math.floor(cfg.decay_from * cfg.steps)
+    span = cfg.steps - 1 - start
+    if step < start:
+        return 1.0
+    if span <= 0:
+        return cfg.decay_to
+    frac = min(step - start, span) / span
+    return cfg.decay_to + (1.0 - cfg.decay_to) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def start_errors(generator: nn.Module, x: torch.Tensor, cfg: ProjectionConfig,
@@ -539,15 +563,17 @@ def _search(generator: nn.Module, step_fn, z0: torch.Tensor, x: torch.Tensor,
                 better = err < best_err                              # error of z *before* this step
                 best_err = torch.where(better, err, best_err)
                 best_z = torch.where(better.unsqueeze(1), z, best_z)
+            f = lr_factor(cfg, step)                                 # a Python number: graph-safe
+            step_lr = lr if f == 1.0 else lr * f
             if cfg.optimizer == "sgd":
                 state1.mul_(cfg.momentum).add_(grad)
-                z = z - lr * state1
+                z = z - step_lr * state1
             else:
                 t = step + 1
                 state1.mul_(beta1).add_(grad, alpha=1 - beta1)
                 state2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state2 / (1 - beta2 ** t)).sqrt_().add_(eps)
-                z = z - lr * (state1 / (1 - beta1 ** t)) / denom
+                z = z - step_lr * (state1 / (1 - beta1 ** t)) / denom
             z = to_sphere(z, cfg.latent_radius)
         steps_run = step + 1
 

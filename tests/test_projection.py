@@ -294,7 +294,8 @@ def test_precise_settings_are_checked_and_kept_out_of_old_records():
         FAST.with_(precise_below=-1.0, precise_lr=0.03)
     # at their defaults the new settings are not in a record: caches and evaluations keyed on
     # the settings before they existed still match
-    assert settings_record(PAPER) == {k: v for k, v in asdict(PAPER).items() if not k.startswith("precise_")}
+    assert settings_record(PAPER) == {k: v for k, v in asdict(PAPER).items()
+                                      if not k.startswith(("precise_", "decay_"))}
     assert settings_record(asdict(PAPER)) == settings_record(PAPER)
     on = FAST.with_(precise_below=0.04, precise_lr=0.03)
     assert settings_record(on)["precise_below"] == 0.04
@@ -326,3 +327,51 @@ def test_start_errors_are_each_images_best_start_before_any_step(sharp_gen):
         per_start = (sharp_gen(z) - x.repeat_interleave(4, 0)).pow(2).flatten(1).mean(1).view(5, 4)
     torch.testing.assert_close(got, per_start.amin(1), atol=1e-6, rtol=0)
     assert not torch.equal(per_start.amin(1), per_start[:, 0])   # not simply the first start
+
+
+def test_schedule_factor_is_flat_then_a_half_cosine_to_decay_to():
+    from purifier.projection import lr_factor
+
+    assert [lr_factor(FAST, s) for s in range(FAST.steps)] == [1.0] * FAST.steps
+    cfg = FAST.with_(decay_to=0.2, decay_from=0.5)                     # 50 steps: flat for 0..24
+    f = [lr_factor(cfg, s) for s in range(cfg.steps)]
+    assert f[:26] == [1.0] * 26 and f[-1] == pytest.approx(0.2)
+    assert f[37] == pytest.approx(0.6)                                # half way down: (1 + 0.2) / 2
+    assert all(a >= b for a, b in zip(f, f[1:]))
+    one = FAST.with_(steps=1, decay_to=0.5)
+    assert lr_factor(one, 0) == 0.5                                  # a one-step decay: the end value
+
+
+def test_schedule_scales_each_step_as_a_hand_written_descent_does(sharp_gen):
+    """Plain gradient descent (momentum 0) under a schedule: z_{s+1} = z_s - lr * f(s) * grad,
+    with f from lr_factor; select="last" answers the last scored iterate."""
+    from purifier.projection import lr_factor
+
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    cfg = PAPER.with_(steps=4, restarts=1, momentum=0.0, lr=5.0, select="last", seed=3,
+                      decay_to=0.25)
+    z = project(sharp_gen, x, cfg.with_(steps=0)).latents                 # the start
+    for s in range(cfg.steps - 1):
+        zz = z.clone().requires_grad_(True)
+        err = (sharp_gen(zz) - x).pow(2).flatten(1).mean(1).sum()
+        (g,) = torch.autograd.grad(err, zz)
+        z = (z - cfg.lr * lr_factor(cfg, s) * g).detach()
+    got = project(sharp_gen, x, cfg).latents
+    torch.testing.assert_close(got, z, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, project(sharp_gen, x, cfg.with_(decay_to=1.0)).latents, atol=1e-4)
+
+
+def test_schedule_scales_the_per_image_step_too_and_is_checked(sharp_gen):
+    from purifier.evaluation.evaluate import _proj_tag
+    from purifier.projection import settings_record
+
+    x = on_range(sharp_gen, n=3)
+    sched = dict(decay_to=0.3, decay_from=0.25)
+    every = project(sharp_gen, x, PRECISE_BASE.with_(precise_below=1e9, precise_lr=0.02, **sched))
+    torch.testing.assert_close(every.images, project(sharp_gen, x, PRECISE_BASE.with_(lr=0.02, **sched)).images,
+                               atol=1e-6, rtol=0)
+    for bad in (dict(decay_to=0.0), dict(decay_to=1.5), dict(decay_from=1.0), dict(decay_from=-0.1)):
+        with pytest.raises(InvalidInputError, match="decay_"):
+            FAST.with_(**bad)
+    assert "decay_to" not in settings_record(FAST) and settings_record(FAST.with_(**sched))["decay_to"] == 0.3
+    assert "decay" not in _proj_tag(FAST) and _proj_tag(FAST.with_(**sched)) != _proj_tag(FAST)

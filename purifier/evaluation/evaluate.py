@@ -255,6 +255,8 @@ def _proj_tag(cfg: ProjectionConfig) -> str:
         tag += f"-select{cfg.select}"   # the original's answer at the last step
     if cfg.precise_below:
         tag += f"-precise{cfg.precise_below:g}lr{cfg.precise_lr:g}"
+    if cfg.decay_to != 1.0:
+        tag += f"-decay{cfg.decay_to:g}from{cfg.decay_from:g}"
     return tag
 
 
