@@ -296,7 +296,7 @@ _SERVE_FLAGS = [
     ("--grpc-port", int, "gRPC port (purifier.v1, KServe V2, health, reflection)", ["--grpc_port"]),
     ("--http-port", int, "serve the V2 REST API (KServe V2 / Triton HTTP) on this port too; unset: no REST "
                          "(KServe passes 8080 to transformers)", ["--http_port"]),
-    ("--metrics-port", int, "Prometheus metrics HTTP port (-1: off)", []),
+    ("--metrics-port", int, "Prometheus metrics HTTP port (0: any free port; -1: off)", []),
     ("--downstream", str, "downstream V2 gRPC server host:port ('none': no downstream)", ["--predictor_host", "--predictor-host"]),
     ("--model-name", str, "downstream model that Classify calls; also answered as ready/metadata by "
                           "forwarding (KServe: the InferenceService name)", ["--model_name"]),
